@@ -1,1 +1,160 @@
+//! uplink-api: mints PowerSync JWTs, serves the JWKS, validates upload batches and publishes
+//! them to RabbitMQ, answering 200 only once the broker has confirmed them.
+#![doc = include_str!("../README.md")]
 
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod publisher;
+pub mod routes;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::{ApiConfig, TokenAuth, UploadAuth};
+use crate::metrics::ApiMetrics;
+use crate::publisher::Publisher;
+use crate::tokens::TokenService;
+
+/// Everything a handler needs: cheap handles, cloned per request.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<ApiConfig>,
+    pub tokens: TokenService,
+    pub publisher: Publisher,
+    pub metrics: ApiMetrics,
+}
+
+/// A bound, not yet serving, api.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    cancel: CancellationToken,
+}
+
+impl Application {
+    /// Binds the listener (port 0 picks a free port) and starts connecting to the broker.
+    pub async fn build(config: ApiConfig, cancel: CancellationToken) -> anyhow::Result<Self> {
+        if config.dev {
+            tracing::warn!("DEVELOPMENT MODE (UPLINK_DEV): do not run this configuration in production");
+        }
+        if config.generated_key {
+            tracing::warn!(
+                kid = %config.keys.signing.kid,
+                "POWERSYNC_PRIVATE_KEY is not set: signing with a TEMPORARY key generated at start-up; its tokens stop verifying when this process exits"
+            );
+        }
+        if matches!(config.token_auth, TokenAuth::Open) {
+            tracing::warn!("/token is OPEN: anyone can obtain a token for any user id (development mode)");
+        }
+        if config.upload_auth == UploadAuth::None {
+            tracing::warn!("/upload does NOT authenticate callers (UPLINK_UPLOAD_AUTH=none, development mode)");
+        }
+        let listener = TcpListener::bind(config.addr).await?;
+        let metrics = ApiMetrics::new()?;
+        let publisher = Publisher::start(
+            config.amqp.clone(),
+            config.confirm_timeout,
+            format!("uplink-api@{}", hostname()),
+            cancel.clone(),
+        );
+        let tokens = TokenService::new(
+            config.keys.clone(),
+            config.powersync_url.clone(),
+            config.issuer.clone(),
+            config.token_lifetime,
+            config.clock_leeway,
+        );
+        let state = AppState {
+            config: Arc::new(config),
+            tokens,
+            publisher,
+            metrics,
+        };
+        let router = router(state.clone());
+        Ok(Self { listener, router, state, cancel })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Waits until the broker connection is up (for tests and orderly start-up scripts).
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        self.state.publisher.wait_ready(timeout).await
+    }
+
+    /// Serves until the cancellation token fires, then finishes in-flight requests.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "uplink-api listening");
+        let cancel = self.cancel.clone();
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let cors = cors_layer(&config.cors_origins);
+    Router::new()
+        .route("/token", get(routes::token))
+        .route("/jwks", get(routes::jwks))
+        .route("/api/auth/keys", get(routes::jwks))
+        .route("/upload", post(routes::upload).put(routes::upload))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), routes::track))
+        .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
+        .layer(cors)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+fn cors_layer(origins: &[String]) -> CorsLayer {
+    let base = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::HeaderName::from_static("traceparent")])
+        .max_age(Duration::from_secs(600));
+    if origins.iter().any(|o| o == "*") {
+        base.allow_origin(AllowOrigin::any())
+    } else {
+        let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+        base.allow_origin(AllowOrigin::list(list))
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}

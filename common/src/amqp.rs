@@ -1,13 +1,36 @@
 //! Connecting to RabbitMQ and reading message headers.
 
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
+/// Heartbeat interval used when the URL does not set one: a broker that silently vanishes
+/// (a cut network path) is noticed within two intervals instead of the server's 60 s default.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// Connection timeout used when the URL does not set one.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
 /// Opens a connection, named so operators can tell replicas apart in the management UI.
 pub async fn connect(url: &SecretString, connection_name: &str) -> lapin::Result<Connection> {
+    let mut uri: AMQPUri = url
+        .expose_secret()
+        .parse()
+        .map_err(|_: String| lapin::Error::from(std::io::Error::other("invalid AMQP URL")))?;
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    uri.query.connection_timeout.get_or_insert(DEFAULT_CONNECT_TIMEOUT_MS);
     let props = ConnectionProperties::default().with_connection_name(connection_name.into());
-    Connection::connect(url.expose_secret(), props).await
+    Connection::connect_uri(uri, props).await
+}
+
+/// Checks that a URL parses, for start-up validation (the message never echoes the URL,
+/// which may hold a password).
+pub fn validate_url(url: &SecretString) -> Result<(), String> {
+    // The parser's message may quote the URL, password included, so it is not passed on.
+    url.expose_secret()
+        .parse::<AMQPUri>()
+        .map(|_| ())
+        .map_err(|_| "is not a valid amqp:// or amqps:// URL".to_owned())
 }
 
 /// A header's value as text, whatever string-like AMQP type carries it.

@@ -1,0 +1,217 @@
+//! Publishing accepted batches to RabbitMQ with publisher confirms.
+//!
+//! One long-lived connection and confirm-mode channel, kept alive by a supervisor task that
+//! reconnects with capped exponential backoff and re-declares the topology each time. A batch
+//! counts as published only when the broker has confirmed it (Ack) and has not returned it as
+//! unroutable (`mandatory`); everything else is an error the handler turns into a 503.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::{Notify, RwLock};
+use tokio_util::sync::CancellationToken;
+use uplink_common::config::AmqpConfig;
+use uplink_common::topology::Topology;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("no connection to the broker")]
+    Unavailable,
+    #[error("the broker did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the broker returned the message as unroutable: {0}")]
+    Returned(String),
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+impl PublishError {
+    /// Bounded label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            PublishError::Unavailable => "unavailable",
+            PublishError::Timeout(_) => "timeout",
+            PublishError::Nacked => "nacked",
+            PublishError::Returned(_) => "returned",
+            PublishError::Broker(_) => "error",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Live {
+    connection: Arc<Connection>,
+    channel: Channel,
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    amqp: AmqpConfig,
+    topology: Topology,
+    confirm_timeout: Duration,
+    live: RwLock<Option<Live>>,
+    /// Woken when a publish fails, so the supervisor checks the connection at once.
+    trouble: Notify,
+    /// Woken when a connection has been established.
+    connected: Notify,
+    connection_name: String,
+}
+
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const HEALTH_POLL: Duration = Duration::from_millis(250);
+
+impl Publisher {
+    /// Starts the supervisor; it connects in the background and keeps reconnecting until
+    /// `cancel` fires.
+    pub fn start(amqp: AmqpConfig, confirm_timeout: Duration, connection_name: String, cancel: CancellationToken) -> Self {
+        let topology = Topology::new(&amqp);
+        let inner = Arc::new(Inner {
+            amqp,
+            topology,
+            confirm_timeout,
+            live: RwLock::new(None),
+            trouble: Notify::new(),
+            connected: Notify::new(),
+            connection_name,
+        });
+        tokio::spawn(supervise(inner.clone(), cancel));
+        Self { inner }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Whether a connection with a usable confirm channel is up.
+    pub async fn is_ready(&self) -> bool {
+        match &*self.inner.live.read().await {
+            Some(live) => live.connection.status().connected() && live.channel.status().connected(),
+            None => false,
+        }
+    }
+
+    /// Waits until the publisher is connected, or the timeout passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.is_ready().await {
+                return true;
+            }
+            let notified = self.inner.connected.notified();
+            if tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(HEALTH_POLL) => {}
+                }
+            })
+            .await
+            .is_err()
+            {
+                return self.is_ready().await;
+            }
+        }
+    }
+
+    /// Publishes one persistent message to the uploads exchange and waits for the broker's
+    /// confirm. Returns only when the broker has taken responsibility for the message.
+    pub async fn publish(&self, routing_key: &str, payload: &[u8], properties: BasicProperties) -> Result<(), PublishError> {
+        let live = self.inner.live.read().await.clone().ok_or(PublishError::Unavailable)?;
+        let exchange = self.inner.topology.uploads_exchange();
+        let timeout = self.inner.confirm_timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let confirm = live
+                .channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.into(),
+                    // mandatory: an unroutable message (a missing binding) comes back instead of
+                    // being silently dropped with an Ack.
+                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    payload,
+                    properties,
+                )
+                .await?;
+            confirm.await.map_err(PublishError::from)
+        })
+        .await;
+        let outcome = match result {
+            Err(_) => Err(PublishError::Timeout(timeout)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Returned(returned.reply_text.to_string())),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            // The channel is always in confirm mode; reaching this means it was not.
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        };
+        if matches!(outcome, Err(PublishError::Broker(_) | PublishError::Timeout(_))) {
+            self.inner.trouble.notify_one();
+        }
+        outcome
+    }
+}
+
+async fn supervise(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut delay = RECONNECT_MIN;
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        match open(&inner).await {
+            Ok(live) => {
+                tracing::info!(prefix = %inner.topology.prefix, "connected to the broker, topology declared");
+                delay = RECONNECT_MIN;
+                *inner.live.write().await = Some(live.clone());
+                inner.connected.notify_waiters();
+                // Watch the connection until it breaks or we are told to stop.
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = inner.trouble.notified() => {}
+                        _ = tokio::time::sleep(HEALTH_POLL) => {}
+                    }
+                    if !(live.connection.status().connected() && live.channel.status().connected()) {
+                        tracing::warn!("broker connection lost; reconnecting");
+                        break;
+                    }
+                }
+                *inner.live.write().await = None;
+                let _ = live.connection.close(200, "uplink-api reconnecting or stopping".into()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the broker");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(jittered(delay)) => {}
+        }
+        delay = (delay * 2).min(RECONNECT_MAX);
+    }
+    if let Some(live) = inner.live.write().await.take() {
+        let _ = live.connection.close(200, "uplink-api stopping".into()).await;
+    }
+}
+
+async fn open(inner: &Inner) -> lapin::Result<Live> {
+    let connection = uplink_common::amqp::connect(&inner.amqp.url, &inner.connection_name).await?;
+    let channel = connection.create_channel().await?;
+    inner.topology.declare(&channel).await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(Live { connection: Arc::new(connection), channel })
+}
+
+/// Up to 25 % random jitter, so replicas that lost the broker together do not reconnect in
+/// lockstep.
+pub(crate) fn jittered(d: Duration) -> Duration {
+    let factor = 1.0 + rand::random::<f64>() * 0.25;
+    d.mul_f64(factor)
+}
