@@ -9,6 +9,7 @@ use axum::Json;
 use serde_json::json;
 use uplink_common::batch::{BatchError, BatchErrorKind};
 
+use crate::idp::IdpError;
 use crate::publisher::PublishError;
 use crate::tokens::TokenError;
 
@@ -26,6 +27,16 @@ pub enum ApiError {
     /// Credentials for the token endpoint missing or wrong.
     #[error("unauthorized")]
     TokenEndpointUnauthorized,
+    /// The identity provider's token (`jwt` mode) was refused.
+    #[error("identity token: {0}")]
+    IdentityToken(IdpError),
+    /// The identity provider's keys cannot be fetched, so no identity token can be checked;
+    /// retrying later can succeed.
+    #[error("identity provider unavailable: {source}")]
+    IdentityProviderUnavailable { source: IdpError, retry_after: Duration },
+    /// Authenticated, but asking for something this caller may not have.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// The body is bigger than the limit (rejected while reading it).
     #[error("request body is larger than {0} bytes")]
     BodyTooLarge(usize),
@@ -53,6 +64,9 @@ impl ApiError {
                 BatchErrorKind::TooLarge => "too_large",
             },
             ApiError::Unauthorized(_) | ApiError::TokenEndpointUnauthorized => "unauthorized",
+            ApiError::IdentityToken(_) => "unauthorized",
+            ApiError::IdentityProviderUnavailable { .. } => "unavailable",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::BodyTooLarge(_) => "too_large",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal { .. } => "internal",
@@ -75,7 +89,24 @@ impl IntoResponse for ApiError {
                     json!({"error": {"code": code, "message": e.to_string(), "op_index": e.op_index, "field": e.field}}),
                 )
             }
-            ApiError::Unauthorized(_) | ApiError::TokenEndpointUnauthorized => {
+            ApiError::IdentityProviderUnavailable { retry_after, .. } => {
+                tracing::warn!(error = %self, "cannot check identity tokens");
+                let mut response = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": {"code": "unavailable", "message": "cannot check credentials right now; retry later"}})),
+                )
+                    .into_response();
+                let secs = retry_after.as_secs().max(1).to_string();
+                if let Ok(v) = HeaderValue::from_str(&secs) {
+                    response.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return response;
+            }
+            ApiError::Forbidden(message) => {
+                tracing::info!(error = %self, "request refused");
+                (StatusCode::FORBIDDEN, json!({"error": {"code": "forbidden", "message": message}}))
+            }
+            ApiError::Unauthorized(_) | ApiError::TokenEndpointUnauthorized | ApiError::IdentityToken(_) => {
                 // The precise reason is logged, not told to a possibly hostile caller.
                 tracing::info!(error = %self, "request refused");
                 (StatusCode::UNAUTHORIZED, json!({"error": {"code": "unauthorized", "message": "missing or invalid credentials"}}))

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod idp;
 pub mod keys;
 pub mod metrics;
 pub mod publisher;
@@ -25,6 +26,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::{ApiConfig, TokenAuth, UploadAuth};
+use crate::idp::IdpVerifier;
 use crate::metrics::ApiMetrics;
 use crate::publisher::Publisher;
 use crate::tokens::TokenService;
@@ -36,6 +38,50 @@ pub struct AppState {
     pub tokens: TokenService,
     pub publisher: Publisher,
     pub metrics: ApiMetrics,
+    /// Checks identity-provider tokens on `/token`; present exactly in `jwt` mode.
+    pub idp: Option<IdpVerifier>,
+}
+
+impl AppState {
+    /// Builds the handles and starts their background tasks (broker supervisor, JWKS
+    /// prefetch), which stop when `cancel` fires.
+    pub async fn new(config: ApiConfig, cancel: CancellationToken) -> anyhow::Result<Self> {
+        let metrics = ApiMetrics::new()?;
+        let publisher = Publisher::start(
+            config.amqp.clone(),
+            config.confirm_timeout,
+            format!("uplink-api@{}", hostname()),
+            cancel.clone(),
+        );
+        let tokens = TokenService::new(
+            config.keys.clone(),
+            config.powersync_url.clone(),
+            config.issuer.clone(),
+            config.token_lifetime,
+            config.clock_leeway,
+        );
+        let idp = match &config.token_auth {
+            TokenAuth::Jwt(jwt) => {
+                let verifier = IdpVerifier::new(jwt, config.clock_leeway)?;
+                let prefetch = verifier.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = prefetch.prefetch() => {}
+                    }
+                });
+                Some(verifier)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            tokens,
+            publisher,
+            metrics,
+            idp,
+        })
+    }
 }
 
 /// A bound, not yet serving, api.
@@ -65,26 +111,7 @@ impl Application {
             tracing::warn!("/upload does NOT authenticate callers (UPLINK_UPLOAD_AUTH=none, development mode)");
         }
         let listener = TcpListener::bind(config.addr).await?;
-        let metrics = ApiMetrics::new()?;
-        let publisher = Publisher::start(
-            config.amqp.clone(),
-            config.confirm_timeout,
-            format!("uplink-api@{}", hostname()),
-            cancel.clone(),
-        );
-        let tokens = TokenService::new(
-            config.keys.clone(),
-            config.powersync_url.clone(),
-            config.issuer.clone(),
-            config.token_lifetime,
-            config.clock_leeway,
-        );
-        let state = AppState {
-            config: Arc::new(config),
-            tokens,
-            publisher,
-            metrics,
-        };
+        let state = AppState::new(config, cancel.clone()).await?;
         let router = router(state.clone());
         Ok(Self { listener, router, state, cancel })
     }

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::config::{TokenAuth, UploadAuth};
 use crate::error::ApiError;
+use crate::idp::IdpError;
 use crate::tokens::{bearer, TokenError};
 use crate::AppState;
 
@@ -43,33 +44,21 @@ pub struct TokenResponse {
 /// Longest user id accepted on `/token`.
 const MAX_USER_ID_BYTES: usize = 256;
 
+/// Mints a PowerSync token. Who may ask, and for whom, is the configured [`TokenAuth`] mode's
+/// decision: the user comes from `?user_id=` only in `open` and `shared-secret` modes, where the
+/// caller is trusted to name it; in `jwt` mode it comes from the verified identity token.
 pub async fn token(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<UserQuery>) -> Result<Json<TokenResponse>, ApiError> {
-    match &state.config.token_auth {
-        TokenAuth::Open => {}
-        TokenAuth::SharedSecret(secret) => {
-            let presented = bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
-            let ok = presented
-                .map(|p| bool::from(p.as_bytes().ct_eq(secret.expose_secret().as_bytes())))
-                .unwrap_or(false);
-            if !ok {
-                state.metrics.auth_failures.with_label_values(&["/token"]).inc();
-                return Err(ApiError::TokenEndpointUnauthorized);
-            }
-        }
+    let result = authorize_token_request(&state, &headers, query).await;
+    if matches!(
+        result,
+        Err(ApiError::Unauthorized(_) | ApiError::TokenEndpointUnauthorized | ApiError::IdentityToken(_) | ApiError::Forbidden(_))
+    ) {
+        state.metrics.auth_failures.with_label_values(&["/token"]).inc();
     }
-    let user_id = query.user_id.unwrap_or_default();
-    let user_id = user_id.trim();
-    if user_id.is_empty() {
-        return Err(ApiError::BadRequest("user_id is required".into()));
-    }
-    if user_id.len() > MAX_USER_ID_BYTES || user_id.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(format!(
-            "user_id must be at most {MAX_USER_ID_BYTES} bytes without control characters"
-        )));
-    }
+    let user_id = result?;
     let (token, expires_at) = state
         .tokens
-        .issue(user_id)
+        .issue(&user_id)
         .map_err(|e| ApiError::internal(format!("signing failed: {e}")))?;
     state.metrics.tokens_issued.inc();
     Ok(Json(TokenResponse {
@@ -77,6 +66,50 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, Query(quer
         powersync_url: state.config.powersync_url.clone(),
         expires_at,
     }))
+}
+
+/// The user a `/token` request may get a token for.
+async fn authorize_token_request(state: &AppState, headers: &HeaderMap, query: UserQuery) -> Result<String, ApiError> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let asked = query.user_id.as_deref().map(str::trim).filter(|u| !u.is_empty());
+    let user_id = match &state.config.token_auth {
+        TokenAuth::Open => asked.ok_or_else(|| ApiError::BadRequest("user_id is required".into()))?.to_owned(),
+        TokenAuth::SharedSecret(secret) => {
+            let ok = bearer(authorization)
+                .map(|p| bool::from(p.as_bytes().ct_eq(secret.expose_secret().as_bytes())))
+                .unwrap_or(false);
+            if !ok {
+                return Err(ApiError::TokenEndpointUnauthorized);
+            }
+            asked.ok_or_else(|| ApiError::BadRequest("user_id is required".into()))?.to_owned()
+        }
+        TokenAuth::Jwt(_) => {
+            let verifier = state
+                .idp
+                .as_ref()
+                .ok_or_else(|| ApiError::internal("jwt token auth configured without a verifier"))?;
+            let presented = bearer(authorization)?;
+            let user = verifier.verify(presented).await.map_err(|e| match e {
+                IdpError::KeysUnavailable(_) => ApiError::IdentityProviderUnavailable {
+                    source: e,
+                    retry_after: state.config.retry_after,
+                },
+                other => ApiError::IdentityToken(other),
+            })?;
+            // Answering with a token for the verified user instead would hide the caller's bug,
+            // and honouring the parameter would let any user read any other user's data.
+            if asked.is_some_and(|a| a != user) {
+                return Err(ApiError::Forbidden("user_id does not match the authenticated user".into()));
+            }
+            user
+        }
+    };
+    if user_id.len() > MAX_USER_ID_BYTES || user_id.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "user_id must be at most {MAX_USER_ID_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(user_id)
 }
 
 pub async fn jwks(State(state): State<AppState>) -> Response {

@@ -95,10 +95,14 @@ impl TokenService {
             .ok_or(TokenError::UnknownKid(kid))?;
         let mut validation = Validation::new(Algorithm::RS256);
         validation.set_audience(&[&self.audience]);
+        // jsonwebtoken checks `iss` only when the token carries one, so a configured issuer
+        // must also be a required claim or a token without `iss` would pass.
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
+            validation.set_required_spec_claims(&["exp", "sub", "aud", "iat", "iss"]);
+        } else {
+            validation.set_required_spec_claims(&["exp", "sub", "aud", "iat"]);
         }
-        validation.set_required_spec_claims(&["exp", "sub", "aud", "iat"]);
         validation.leeway = self.leeway.as_secs();
         validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)

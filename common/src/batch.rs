@@ -3,6 +3,7 @@
 //! and the SDK's `CrudEntry.toJSON()` `{op_id, op, type, id, tx_id, data, old, metadata}`), and
 //! rejects anything MongoDB or PowerSync would choke on, naming the op index and field.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,9 @@ pub struct Limits {
     pub max_depth: usize,
     /// Longest field name, in bytes.
     pub max_field_name_bytes: usize,
+    /// Collections clients may write to; `None` allows any valid name. A deployment that syncs
+    /// only a few tables lists them, so a client cannot create or overwrite other collections.
+    pub allowed_collections: Option<BTreeSet<String>>,
 }
 
 impl Default for Limits {
@@ -32,6 +36,7 @@ impl Default for Limits {
             max_id_bytes: 256,
             max_depth: 32,
             max_field_name_bytes: 256,
+            allowed_collections: None,
         }
     }
 }
@@ -333,6 +338,16 @@ fn parse_op(index: usize, raw: Value, limits: &Limits) -> Result<Op, BatchError>
     };
     let collection = CollectionName::parse(&name)
         .map_err(|e| BatchError::at(Invalid, index, field, format!("collection {name:?} {e}")))?;
+    if let Some(allowed) = &limits.allowed_collections {
+        if !allowed.contains(collection.as_str()) {
+            return Err(BatchError::at(
+                Invalid,
+                index,
+                field,
+                format!("collection {name:?} is not in the list of collections clients may write to"),
+            ));
+        }
+    }
 
     let id = match raw.remove("id") {
         Some(Value::String(s)) => DocId::parse(&s, limits.max_id_bytes)
