@@ -224,7 +224,7 @@ async fn accept_upload(
             for kind in kinds {
                 state.metrics.ops_accepted.with_label_values(&[kind]).inc();
             }
-            tracing::info!(trace_id = %trace.trace_id_hex(), "batch accepted");
+            tracing::debug!(trace_id = %trace.trace_id_hex(), "batch accepted");
             Ok(Json(UploadResponse { batch_id, ops: op_count, checkpoint }))
         }
         Err(e) => {

@@ -212,7 +212,7 @@ impl Consumer {
                     self.metrics.batches.with_label_values(&["applied"]).inc();
                     let lag_ms = now_ms().saturating_sub(batch.accepted_at_ms).max(0);
                     self.metrics.end_to_end.observe(lag_ms as f64 / 1000.0);
-                    tracing::info!(
+                    tracing::debug!(
                         applied = applied.ops_applied,
                         skipped = applied.ops_skipped,
                         commands = applied.commands,
