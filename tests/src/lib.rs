@@ -4,6 +4,7 @@
 //! against.
 
 pub mod model;
+pub mod process;
 pub mod proxy;
 pub mod stack;
 

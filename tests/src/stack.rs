@@ -271,6 +271,52 @@ impl Stack {
             .collect()
     }
 
+    /// Publishes a batch straight to its partition queue, as the api would (the tests use it
+    /// to deliver the very same message twice, as the broker does after a worker crash).
+    pub async fn publish_raw(&self, batch: &uplink_common::UploadBatch) {
+        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests").await.expect("amqp");
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        let body = uplink_common::Envelope::V1(batch.clone()).to_vec();
+        let properties = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(batch.batch_id.to_string().into())
+            .with_content_type("application/json".into());
+        let confirm = channel
+            .basic_publish(
+                format!("{}.uploads", self.name).as_str().into(),
+                batch.partition.to_string().as_str().into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                &body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "broker took the message");
+        let _ = connection.close(200, "done".into()).await;
+    }
+
+    /// The write checkpoint documents, as `(user_id, client_id) -> checkpoint`.
+    pub async fn checkpoints(&self) -> BTreeMap<(String, String), i64> {
+        self.docs("checkpoints")
+            .await
+            .into_values()
+            .map(|d| {
+                let user = d["user_id"].as_str().unwrap_or_default().to_owned();
+                let client = d["client_id"].as_str().unwrap_or_default().to_owned();
+                ((user, client), d["checkpoint"].as_i64().unwrap_or(-1))
+            })
+            .collect()
+    }
+
+    /// Sum of a worker counter over the in-process workers.
+    pub fn workers_sum(&self, metric: impl Fn(&uplink_worker::metrics::WorkerMetrics) -> u64) -> u64 {
+        self.workers.iter().map(|w| metric(&w.metrics)).sum()
+    }
+
     /// Ready-message counts of the partition queues.
     pub async fn queue_depths(&self) -> Vec<u32> {
         let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests").await.expect("amqp");

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -83,10 +85,10 @@ impl Consumer {
     /// Runs one consumer task per partition on this connection until one of them fails (the
     /// connection is then presumed broken) or `cancel` fires.
     async fn consume(&self, connection: &Connection, cancel: &CancellationToken) {
-        let dead_letters = match open_confirm_channel(connection).await {
-            Ok(c) => c,
+        let outbox = match Outbox::open(connection).await {
+            Ok(o) => o,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot open the dead-letter channel");
+                tracing::warn!(error = %e, "cannot open the dead-letter and reply channels");
                 return;
             }
         };
@@ -102,9 +104,9 @@ impl Consumer {
                 }
             };
             let me = self.clone();
-            let dead_letters = dead_letters.clone();
+            let outbox = outbox.clone();
             let stop = stop.clone();
-            tasks.spawn(async move { me.consume_partition(channel, partition, dead_letters, stop).await });
+            tasks.spawn(async move { me.consume_partition(channel, partition, outbox, stop).await });
         }
         while let Some(result) = tasks.join_next().await {
             match result {
@@ -123,7 +125,7 @@ impl Consumer {
         }
     }
 
-    async fn consume_partition(&self, channel: Channel, partition: u16, dead_letters: Channel, stop: CancellationToken) -> lapin::Result<()> {
+    async fn consume_partition(&self, channel: Channel, partition: u16, outbox: Outbox, stop: CancellationToken) -> lapin::Result<()> {
         let queue = self.topology.partition_queue(partition);
         // Prefetch lets the next batches wait client-side while one applies; they are still
         // processed strictly one after another.
@@ -139,7 +141,7 @@ impl Consumer {
                 _ = stop.cancelled() => break Ok(()),
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
-                        if let Err(e) = self.handle(delivery, partition, &queue, &dead_letters, &stop).await {
+                        if let Err(e) = self.handle(delivery, partition, &queue, &outbox, &stop).await {
                             break Err(e);
                         }
                     }
@@ -158,7 +160,7 @@ impl Consumer {
 
     /// Applies one delivery and acknowledges it. Returns an error only when the broker
     /// connection is unusable (the ack failed).
-    async fn handle(&self, delivery: Delivery, partition: u16, queue: &str, dead_letters: &Channel, stop: &CancellationToken) -> lapin::Result<()> {
+    async fn handle(&self, delivery: Delivery, partition: u16, queue: &str, outbox: &Outbox, stop: &CancellationToken) -> lapin::Result<()> {
         let headers = delivery.properties.headers().as_ref();
         let trace_id = header_str(headers, h::TRACEPARENT)
             .and_then(|t| TraceParent::parse(&t))
@@ -179,7 +181,7 @@ impl Consumer {
                     worker_id: &self.cfg.worker_id,
                     queue,
                 };
-                return self.dead_letter(&delivery, &reason, dead_letters, stop).await;
+                return self.dead_letter(&delivery, None, &reason, outbox, stop).await;
             }
         };
         let span = tracing::info_span!(
@@ -191,10 +193,10 @@ impl Consumer {
             delivery_count,
             ops = batch.ops.len(),
         );
-        self.apply_with_retries(&delivery, &batch, queue, dead_letters, stop).instrument(span).await
+        self.apply_with_retries(&delivery, &batch, queue, outbox, stop).instrument(span).await
     }
 
-    async fn apply_with_retries(&self, delivery: &Delivery, batch: &UploadBatch, queue: &str, dead_letters: &Channel, stop: &CancellationToken) -> lapin::Result<()> {
+    async fn apply_with_retries(&self, delivery: &Delivery, batch: &UploadBatch, queue: &str, outbox: &Outbox, stop: &CancellationToken) -> lapin::Result<()> {
         let mut attempt: u32 = 0;
         let mut first_failure_ms = None;
         loop {
@@ -209,6 +211,9 @@ impl Consumer {
                     self.metrics.ops_skipped.inc_by(applied.ops_skipped as u64);
                     self.metrics.commands.inc_by(applied.commands as u64);
                     delivery.ack(BasicAckOptions::default()).await?;
+                    outbox
+                        .reply(delivery, &Outcome::Applied { batch_id: batch.batch_id.to_string(), checkpoint: batch.checkpoint() })
+                        .await;
                     self.metrics.batches.with_label_values(&["applied"]).inc();
                     let lag_ms = now_ms().saturating_sub(batch.accepted_at_ms).max(0);
                     self.metrics.end_to_end.observe(lag_ms as f64 / 1000.0);
@@ -243,7 +248,7 @@ impl Consumer {
                     worker_id: &self.cfg.worker_id,
                     queue,
                 };
-                return self.dead_letter(delivery, &reason, dead_letters, stop).await;
+                return self.dead_letter(delivery, Some(batch), &reason, outbox, stop).await;
             }
             if is_connectivity(&error) {
                 self.status.set_mongo(false, &self.metrics);
@@ -264,11 +269,18 @@ impl Consumer {
     }
 
     /// Dead-letters the delivery (retrying the publish while the broker refuses it) and acks it.
-    async fn dead_letter(&self, delivery: &Delivery, reason: &Reason<'_>, dead_letters: &Channel, stop: &CancellationToken) -> lapin::Result<()> {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        batch: Option<&UploadBatch>,
+        reason: &Reason<'_>,
+        outbox: &Outbox,
+        stop: &CancellationToken,
+    ) -> lapin::Result<()> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match deadletter::publish(dead_letters, &self.topology, delivery, reason).await {
+            match deadletter::publish(&outbox.dead_letters, &self.topology, delivery, reason).await {
                 Ok(()) => break,
                 Err(deadletter::DeadLetterError::Broker(e)) => return Err(e),
                 Err(e) => {
@@ -281,6 +293,10 @@ impl Consumer {
             }
         }
         delivery.ack(BasicAckOptions::default()).await?;
+        let message = reason.error.map(|e| e.to_string()).or_else(|| reason.detail.clone());
+        outbox
+            .reply(delivery, &Outcome::DeadLettered { batch_id: batch.map(|b| b.batch_id.to_string()), reason: reason.reason, message })
+            .await;
         self.metrics.dead_lettered.with_label_values(&[reason.reason]).inc();
         self.metrics.batches.with_label_values(&["dead_lettered"]).inc();
         Ok(())
@@ -291,8 +307,58 @@ fn is_connectivity(error: &ApplyError) -> bool {
     error.class == ErrorClass::Transient && error.code.is_none()
 }
 
-async fn open_confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
-    let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(channel)
+/// What a worker tells an api waiting in acknowledge-on-apply mode.
+#[derive(Debug, serde::Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied {
+        batch_id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<i64>,
+    },
+    DeadLettered {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        batch_id: Option<String>,
+        reason: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+}
+
+/// The channels a connection publishes on besides consuming: dead letters (with publisher
+/// confirms, since a dead letter must not be lost) and replies to apis waiting in
+/// acknowledge-on-apply mode (best effort: a lost reply makes the api answer 503, and the
+/// client's retry is skipped as already applied).
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    dead_letters: Channel,
+    replies: Channel,
+}
+
+impl Outbox {
+    async fn open(connection: &Connection) -> lapin::Result<Self> {
+        let dead_letters = connection.create_channel().await?;
+        dead_letters.confirm_select(ConfirmSelectOptions::default()).await?;
+        let replies = connection.create_channel().await?;
+        Ok(Self { dead_letters, replies })
+    }
+
+    /// Answers the api that published the batch, if it asked (RabbitMQ direct reply-to).
+    async fn reply(&self, delivery: &Delivery, outcome: &Outcome) {
+        let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
+            return;
+        };
+        let mut properties = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(correlation) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation.clone());
+        }
+        let body = serde_json::to_vec(outcome).unwrap_or_default();
+        let sent = self
+            .replies
+            .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, properties)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "could not send the apply acknowledgement");
+        }
+    }
 }
