@@ -299,6 +299,42 @@ impl Stack {
         let _ = connection.close(200, "done".into()).await;
     }
 
+    /// Every message in the dead-letter queue, as `(headers, body)`, left in place (read without
+    /// acknowledging; closing the channel returns them).
+    pub async fn dead_letters(&self) -> Vec<(BTreeMap<String, String>, Value)> {
+        use lapin::options::BasicGetOptions;
+        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests").await.expect("amqp");
+        let channel = connection.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(format!("{}.dead", self.name).as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            let headers = message
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let text = uplink_common::amqp::header_str(Some(t), k.as_str())
+                                .or_else(|| uplink_common::amqp::header_i64(Some(t), k.as_str()).map(|i| i.to_string()))
+                                .unwrap_or_else(|| format!("{v:?}"));
+                            (k.to_string(), text)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let body = serde_json::from_slice(&message.delivery.data).unwrap_or(Value::Null);
+            out.push((headers, body));
+        }
+        let _ = connection.close(200, "done".into()).await;
+        out
+    }
+
     /// The write checkpoint documents, as `(user_id, client_id) -> checkpoint`.
     pub async fn checkpoints(&self) -> BTreeMap<(String, String), i64> {
         self.docs("checkpoints")
