@@ -125,6 +125,9 @@ pub struct Applier {
     write_concern_doc: Document,
     checkpoints: String,
     collections: CollectionsConfig,
+    upload_errors: Option<String>,
+    #[cfg(feature = "fault-injection")]
+    panic_on_collection: Option<String>,
 }
 
 impl Applier {
@@ -152,6 +155,9 @@ impl Applier {
             write_concern_doc,
             checkpoints: cfg.checkpoint_collection.clone(),
             collections: cfg.collections.clone(),
+            upload_errors: cfg.upload_errors_collection.clone(),
+            #[cfg(feature = "fault-injection")]
+            panic_on_collection: cfg.panic_on_collection.clone(),
         })
     }
 
@@ -205,8 +211,55 @@ impl Applier {
         Ok(supported)
     }
 
+    /// Records a rejected batch in the upload-errors collection, keyed by batch id (so a
+    /// redelivery or replay does not record it twice), for sync rules to stream back to the
+    /// user's devices. Best effort: the dead letter, not this record, is what keeps the batch.
+    pub async fn record_upload_error(&self, batch: &UploadBatch, reason: &str, error: Option<&ApplyError>, message: &str) {
+        let Some(collection) = &self.upload_errors else {
+            return;
+        };
+        let op = error.and_then(|e| e.op_index).and_then(|i| batch.ops.get(i));
+        let mut record = doc! {
+            "user_id": &batch.user_id,
+            "client_id": batch.client_id.clone().map(Bson::String).unwrap_or(Bson::Null),
+            "batch_id": batch.batch_id.to_string(),
+            "reason": reason,
+            "message": message,
+            "created_at": mongodb::bson::DateTime::now(),
+        };
+        if let Some(e) = error {
+            record.insert("error_class", e.class.as_str());
+            record.insert("error_code", e.code.map(Bson::Int32).unwrap_or(Bson::Null));
+            record.insert("op_index", e.op_index.map(|i| Bson::Int64(i as i64)).unwrap_or(Bson::Null));
+        }
+        if let Some(op) = op {
+            record.insert("op", op.op.as_str());
+            record.insert("collection", op.collection.as_str());
+            record.insert("document_id", op.id.as_str());
+            record.insert("op_id", op.op_id.map(Bson::Int64).unwrap_or(Bson::Null));
+        }
+        let command = doc! {
+            "update": collection,
+            "updates": [{ "q": { "_id": batch.batch_id.to_string() }, "u": record, "upsert": true }],
+            "ordered": true,
+            "writeConcern": self.write_concern_doc.clone(),
+        };
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), self.run_raw(command, None)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not record the upload error"),
+            Err(_) => tracing::warn!("timed out recording the upload error"),
+        }
+    }
+
     /// Applies the batch once. The caller retries transient errors.
     pub async fn apply(&self, batch: &UploadBatch) -> Result<Applied, ApplyError> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(target) = &self.panic_on_collection {
+            if batch.ops.iter().any(|op| op.collection.as_str() == target) {
+                panic!("fault injection: UPLINK_FAULT_PANIC_ON_COLLECTION={target}");
+            }
+        }
         if self.transactional().await? {
             let mut session = self.client.start_session().await.map_err(|e| ApplyError::from_mongo(&e))?;
             session

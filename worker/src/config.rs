@@ -7,7 +7,10 @@
 //! - `UPLINK_WORKER_ADMIN_ADDR`: `/healthz`, `/readyz`, `/metrics` (default `0.0.0.0:9090`)
 //! - `UPLINK_WORKER_ID`: name in logs, dead-letter reasons and the broker's connection list
 //!   (default: host name and process id)
-//! - `UPLINK_PREFETCH`: unacknowledged batches the broker may push per partition (default 4)
+//! - `UPLINK_PREFETCH`: unacknowledged batches the broker may push per partition (default 1:
+//!   every batch returned to the queue by a crashed consumer counts towards its delivery limit,
+//!   so a larger window lets one poisonous batch drag its innocent neighbours into the
+//!   dead-letter queue)
 //! - `UPLINK_TRANSACTIONS`: `auto` (use them when the server supports them), `on` (refuse to
 //!   start without), `off` (default `auto`)
 //! - `UPLINK_WRITE_CONCERN`: `majority` (default) or a number of nodes
@@ -18,6 +21,9 @@
 //! - `UPLINK_UNKNOWN_ERROR_ATTEMPTS`: attempts at a batch failing with an unclassified error
 //!   before it is dead-lettered (default 10)
 //! - `UPLINK_COLLECTIONS_CONFIG`: path of a TOML file with per-collection settings (optional)
+//! - `UPLINK_UPLOAD_ERRORS_COLLECTION`: where each dead-lettered batch is also recorded for the
+//!   user's devices to see (PowerSync sync rules can stream it back); `off` disables it
+//!   (default `upload_errors`)
 //! - plus the shared `AMQP_URL`, `UPLINK_QUEUE_PREFIX`, `UPLINK_PARTITIONS`,
 //!   `UPLINK_DELIVERY_LIMIT` and `UPLINK_LOG_FORMAT`
 
@@ -68,6 +74,12 @@ pub struct WorkerConfig {
     pub checkpoint_collection: String,
     pub retry: RetryPolicy,
     pub collections: CollectionsConfig,
+    /// Collection recording rejected batches per user and client, when enabled.
+    pub upload_errors_collection: Option<String>,
+    /// Test builds only: panic while applying any op on this collection, to prove that a
+    /// batch which crashes every worker is dead-lettered by the delivery limit.
+    #[cfg(feature = "fault-injection")]
+    pub panic_on_collection: Option<String>,
 }
 
 impl WorkerConfig {
@@ -87,7 +99,7 @@ impl WorkerConfig {
         if write_concern != "majority" && write_concern.parse::<u32>().is_err() {
             return Err(ConfigError::new("UPLINK_WRITE_CONCERN", "expected `majority` or a number of nodes"));
         }
-        let prefetch: u16 = env.parse_or("UPLINK_PREFETCH", 4)?;
+        let prefetch: u16 = env.parse_or("UPLINK_PREFETCH", 1)?;
         if prefetch == 0 {
             return Err(ConfigError::new("UPLINK_PREFETCH", "must be at least 1"));
         }
@@ -110,7 +122,18 @@ impl WorkerConfig {
             Some(path) => CollectionsConfig::load(std::path::Path::new(&path))
                 .map_err(|e| ConfigError::new("UPLINK_COLLECTIONS_CONFIG", e))?,
         };
+        let upload_errors_collection = match env.get("UPLINK_UPLOAD_ERRORS_COLLECTION").as_deref() {
+            Some("off") | Some("none") => None,
+            Some(name) => {
+                uplink_common::CollectionName::parse(name).map_err(|e| ConfigError::new("UPLINK_UPLOAD_ERRORS_COLLECTION", e))?;
+                Some(name.to_owned())
+            }
+            None => Some("upload_errors".to_owned()),
+        };
         Ok(Self {
+            upload_errors_collection,
+            #[cfg(feature = "fault-injection")]
+            panic_on_collection: env.get("UPLINK_FAULT_PANIC_ON_COLLECTION"),
             mongo_uri,
             amqp,
             admin_addr: env.parse_or("UPLINK_WORKER_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,

@@ -127,8 +127,8 @@ impl Consumer {
 
     async fn consume_partition(&self, channel: Channel, partition: u16, outbox: Outbox, stop: CancellationToken) -> lapin::Result<()> {
         let queue = self.topology.partition_queue(partition);
-        // Prefetch lets the next batches wait client-side while one applies; they are still
-        // processed strictly one after another.
+        // Batches are processed strictly one after another whatever the prefetch; see
+        // `UPLINK_PREFETCH` for why it defaults to 1.
         channel.basic_qos(self.cfg.prefetch, BasicQosOptions::default()).await?;
         let tag = format!("{}.{partition}", self.cfg.worker_id);
         let mut deliveries = channel
@@ -277,6 +277,10 @@ impl Consumer {
         outbox: &Outbox,
         stop: &CancellationToken,
     ) -> lapin::Result<()> {
+        if let Some(batch) = batch {
+            let message = reason.error.map(|e| e.message.clone()).or_else(|| reason.detail.clone()).unwrap_or_default();
+            self.applier.record_upload_error(batch, reason.reason, reason.error, &message).await;
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
