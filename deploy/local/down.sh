@@ -27,7 +27,7 @@ stop() {
     local name=$1 program=$2 grace=$3 pidfile="$pids/$1.pid" pid
     [[ -f $pidfile ]] || return 0
     pid="$(cat "$pidfile")"
-    if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$program"; then
+    if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$program"; then
         log "stopping $name (pid $pid)"
         kill -TERM "$pid" 2>/dev/null || true
         local deadline=$((SECONDS + grace))

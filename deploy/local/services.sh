@@ -61,6 +61,21 @@ port_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+install_rabbitmq() {
+    # Without systemd (a container) the package's own attempt to start the service can fail
+    # and with it the whole install. Debian's policy-rc.d hook tells the package not to try;
+    # this script then starts the node itself. Debian's container images already ship one.
+    local policy=/usr/sbin/policy-rc.d added=0 status=0
+    if [[ ! -d /run/systemd/system && ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod +x "$policy"
+        added=1
+    fi
+    apt_install rabbitmq-server || status=$?
+    if ((added)); then rm -f "$policy"; fi
+    return "$status"
+}
+
 ensure_rabbitmq() {
     if amqp_answers "$amqp_port"; then
         log "RabbitMQ already answers on 127.0.0.1:$amqp_port"
@@ -68,7 +83,7 @@ ensure_rabbitmq() {
     fi
     if ! command -v rabbitmq-server >/dev/null 2>&1; then
         log "installing rabbitmq-server from Debian's packages"
-        apt_install rabbitmq-server
+        install_rabbitmq
         # The package's maintainer scripts may have started it (where an init system runs).
         if amqp_answers "$amqp_port"; then
             log "RabbitMQ started by its package"

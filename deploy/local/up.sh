@@ -111,11 +111,24 @@ declare -A ready_url=(
     [worker-1]="http://127.0.0.1:${worker_ports[0]}/readyz"
     [worker-2]="http://127.0.0.1:${worker_ports[1]}/readyz"
 )
+# this_run NAME: the part of NAME's log written since this start, shortened to its first 20
+# lines (where a start-up error is) and its last 40 (where a hang shows).
+this_run() {
+    awk -v marker="=== $1 start" '
+        index($0, marker) == 1 { n = 0 }
+        { line[++n] = $0 }
+        END {
+            for (i = 1; i <= n; i++) {
+                if (i <= 20 || i > n - 40) print line[i]
+                else if (i == 21) print "[...]"
+            }
+        }' "$logs/$1.log"
+}
 fail() {
     log "error: $*"
     for name in api worker-1 worker-2; do
-        printf '\n--- last lines of .local/logs/%s.log ---\n' "$name" >&2
-        tail -n 30 "$logs/$name.log" >&2 || true
+        printf '\n--- .local/logs/%s.log, this start ---\n' "$name" >&2
+        this_run "$name" >&2 || true
     done
     "$here/down.sh" >&2 || true
     exit 1
