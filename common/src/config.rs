@@ -190,10 +190,10 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_the_variable() {
-        let err = AmqpConfig::from_env(&Env::from_map([("UPLINK_PARTITIONS", "many")])).unwrap_err();
+        let err = AmqpConfig::from_env(&Env::from_map([("UPLINK_PARTITIONS", "many")])).expect_err("invalid");
         assert_eq!(err.var, "UPLINK_PARTITIONS");
         assert!(err.to_string().starts_with("UPLINK_PARTITIONS:"), "{err}");
-        let err = AmqpConfig::from_env(&Env::from_map([("UPLINK_PARTITIONS", "0")])).unwrap_err();
+        let err = AmqpConfig::from_env(&Env::from_map([("UPLINK_PARTITIONS", "0")])).expect_err("invalid");
         assert_eq!(err.var, "UPLINK_PARTITIONS");
     }
 

@@ -9,9 +9,12 @@ use serde_json::{json, Value};
 use uplink_tests::process::WorkerProcess;
 use uplink_tests::{eventually, Model, Stack, StackOptions};
 
+/// Each client's highest op id, keyed by `(user_id, client_id)`.
+type Checkpoints = BTreeMap<(String, String), i64>;
+
 /// `users` users, each uploading `batches` SDK-form batches in order from one client.
 /// Returns the in-order model and each client's highest op id.
-fn plan(users: usize, batches: usize) -> (Vec<Vec<Value>>, Model, BTreeMap<(String, String), i64>) {
+fn plan(users: usize, batches: usize) -> (Vec<Vec<Value>>, Model, Checkpoints) {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     let mut model = Model::default();
@@ -51,7 +54,7 @@ async fn upload_all(stack: &Stack, bodies: Vec<Vec<Value>>) {
     futures::future::join_all(uploads).await;
 }
 
-async fn assert_in_order_state(stack: &Stack, model: &Model, checkpoints: &BTreeMap<(String, String), i64>) {
+async fn assert_in_order_state(stack: &Stack, model: &Model, checkpoints: &Checkpoints) {
     let expected = model.collection("rows");
     eventually(Duration::from_secs(180), "every batch applied in order", || async {
         let depth: u32 = stack.queue_depths().await.iter().sum();

@@ -281,7 +281,6 @@ async fn health_and_metrics_endpoints_report_each_component() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let worker = &stack.workers[0].admin_url;
     let (status, body) = eventually(Duration::from_secs(15), "worker ready", || {
-        let get = get.clone();
         let url = format!("{worker}/readyz");
         async move {
             let (s, b) = get(url).await;

@@ -316,7 +316,7 @@ impl Applier {
             if let Some(wc) = write_concern {
                 raise.insert("writeConcern", wc.clone());
             }
-            self.run_raw(raise, session.as_deref_mut()).await?;
+            self.run_raw(raise, session).await?;
         }
         Ok(Applied {
             ops_applied: plan.applied,

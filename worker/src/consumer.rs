@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -151,9 +151,8 @@ impl Consumer {
             }
         };
         self.metrics.partitions_consuming.dec();
-        // Unacknowledged prefetched batches return to the head of the queue when the channel
-        // closes, in order, for whichever consumer becomes active next.
-        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        // Closing the channel cancels the consumer; an unacknowledged batch returns to the head
+        // of the queue, in order, for whichever consumer becomes active next.
         let _ = channel.close(200, "partition consumer stopping".into()).await;
         result
     }
