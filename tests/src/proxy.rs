@@ -86,18 +86,8 @@ async fn pipe(client: TcpStream, server: TcpStream, rx: watch::Receiver<Mode>) {
 async fn copy(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mut rx: watch::Receiver<Mode>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        // Wait while stalled; stop when cut.
-        loop {
-            let mode = *rx.borrow_and_update();
-            match mode {
-                Mode::Forward => break,
-                Mode::Cut => return,
-                Mode::Stall => {
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
+        if !wait_until_forwarding(&mut rx).await {
+            return;
         }
         tokio::select! {
             changed = rx.changed() => {
@@ -111,20 +101,27 @@ async fn copy(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
                     Ok(n) => n,
                 };
                 // Bytes read just before a stall are held until the mode changes.
-                loop {
-                    let mode = *rx.borrow_and_update();
-                    match mode {
-                        Mode::Forward => break,
-                        Mode::Cut => return,
-                        Mode::Stall => {
-                            if rx.changed().await.is_err() {
-                                return;
-                            }
-                        }
-                    }
+                if !wait_until_forwarding(&mut rx).await {
+                    return;
                 }
                 if to.write_all(&buf[..n]).await.is_err() {
                     return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits while the proxy is stalled; false once it is cut (or dropped).
+async fn wait_until_forwarding(rx: &mut watch::Receiver<Mode>) -> bool {
+    loop {
+        let mode = *rx.borrow_and_update();
+        match mode {
+            Mode::Forward => return true,
+            Mode::Cut => return false,
+            Mode::Stall => {
+                if rx.changed().await.is_err() {
+                    return false;
                 }
             }
         }
