@@ -8,6 +8,7 @@ pub mod config;
 pub mod consumer;
 pub mod convert;
 pub mod deadletter;
+pub mod dlq;
 pub mod errors;
 pub mod metrics;
 
