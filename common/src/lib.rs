@@ -8,6 +8,7 @@ pub mod batch;
 pub mod config;
 pub mod envelope;
 pub mod partition;
+pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;

@@ -139,7 +139,11 @@ impl WorkerConfig {
             admin_addr: env.parse_or("UPLINK_WORKER_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,
             worker_id: env
                 .get("UPLINK_WORKER_ID")
-                .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+                .unwrap_or_else(|| format!(
+                    "{}-{}",
+                    uplink_common::shutdown::hostname().unwrap_or_else(|| "worker".to_owned()),
+                    std::process::id()
+                )),
             prefetch,
             transactions,
             write_concern,
@@ -150,14 +154,6 @@ impl WorkerConfig {
     }
 }
 
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".to_owned())
-}
 
 #[cfg(test)]
 mod tests {

@@ -139,7 +139,7 @@ async fn run() -> anyhow::Result<()> {
     init_tracing(LogFormat::from_env(&env)?);
     let config = WorkerConfig::from_env(&env).context("invalid configuration")?;
     let cancel = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(cancel.clone()));
+    tokio::spawn(uplink_common::shutdown::cancel_on_signal(cancel.clone()));
     Worker::build(config, cancel).await?.run_until_stopped().await
 }
 
@@ -265,26 +265,6 @@ fn confirm_purge(plan: &PurgePlan<'_>) -> bool {
     })
 }
 
-async fn shutdown_on_signal(cancel: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
-    }
-    tracing::info!("shutdown requested: finishing the batch in hand");
-    cancel.cancel();
-}
 
 #[cfg(test)]
 mod tests {
