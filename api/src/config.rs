@@ -16,8 +16,8 @@
 //!   development mode; development mode defaults to `open`)
 //! - `UPLINK_TOKEN_SHARED_SECRET`: the secret for `shared-secret` mode (at least 32 bytes)
 //! - `jwt` mode (the caller presents its identity provider's JWT as `Authorization: Bearer`):
-//!   - `UPLINK_TOKEN_JWKS_URL`: the identity provider's JWKS (RS256 and ES256 keys); `https://`
-//!     unless the host is loopback or development mode is on
+//!   - `UPLINK_TOKEN_JWKS_URL`: the identity provider's JWKS (RS256 and ES256 keys; tokens must
+//!     carry a `kid`); `https://` unless the host is loopback or development mode is on
 //!   - `UPLINK_TOKEN_HS256_SECRET`: instead of a JWKS, the provider's HMAC secret (HS256 only,
 //!     at least 32 bytes, used as raw bytes); set exactly one of the two
 //!   - `UPLINK_TOKEN_JWT_ISSUER`: the `iss` the provider's tokens must carry (required)
@@ -160,12 +160,10 @@ impl ApiConfig {
                 SigningKey::generate(2048).map_err(|e| ConfigError::new("POWERSYNC_PRIVATE_KEY", e.to_string()))?,
                 true,
             ),
-            None => {
-                return Err(ConfigError::new(
-                    "POWERSYNC_PRIVATE_KEY",
-                    "is required (generate one with `uplink-api keys generate`, or set UPLINK_DEV=1 for a temporary key)",
-                ))
-            }
+            None => return Err(ConfigError::new(
+                "POWERSYNC_PRIVATE_KEY",
+                "is required (generate one with `uplink-api keys generate`, or set UPLINK_DEV=1 for a temporary key)",
+            )),
         };
         let public = env
             .get("POWERSYNC_PUBLIC_KEY")
@@ -176,12 +174,16 @@ impl ApiConfig {
             .map(|raw| {
                 raw.split(|c: char| c == ',' || c.is_whitespace())
                     .filter(|s| !s.is_empty())
-                    .map(|k| VerifyingKey::parse(k).map_err(|e| ConfigError::new("UPLINK_PREVIOUS_PUBLIC_KEYS", e.to_string())))
+                    .map(|k| {
+                        VerifyingKey::parse(k)
+                            .map_err(|e| ConfigError::new("UPLINK_PREVIOUS_PUBLIC_KEYS", e.to_string()))
+                    })
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?
             .unwrap_or_default();
-        let keys = KeySet::new(signing, public, previous).map_err(|e| ConfigError::new("POWERSYNC_PUBLIC_KEY", e.to_string()))?;
+        let keys = KeySet::new(signing, public, previous)
+            .map_err(|e| ConfigError::new("POWERSYNC_PUBLIC_KEY", e.to_string()))?;
 
         let powersync_url = env.require("POWERSYNC_URL")?;
         if !(powersync_url.starts_with("http://") || powersync_url.starts_with("https://")) {
@@ -230,10 +232,16 @@ impl ApiConfig {
             None | Some("verify") => UploadAuth::Verify,
             Some("none") if dev => UploadAuth::None,
             Some("none") => {
-                return Err(ConfigError::new("UPLINK_UPLOAD_AUTH", "`none` is only allowed in development mode (UPLINK_DEV=1)"))
+                return Err(ConfigError::new(
+                    "UPLINK_UPLOAD_AUTH",
+                    "`none` is only allowed in development mode (UPLINK_DEV=1)",
+                ))
             }
             Some(other) => {
-                return Err(ConfigError::new("UPLINK_UPLOAD_AUTH", format!("unknown mode {other:?}; expected verify or none")))
+                return Err(ConfigError::new(
+                    "UPLINK_UPLOAD_AUTH",
+                    format!("unknown mode {other:?}; expected verify or none"),
+                ))
             }
         };
 
@@ -253,7 +261,12 @@ impl ApiConfig {
         let addr: SocketAddr = env.parse_or("UPLINK_API_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?;
         let cors_origins = env
             .get("UPLINK_CORS_ORIGINS")
-            .map(|raw| raw.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .map(|raw| {
+                raw.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default();
 
         Ok(Self {
@@ -305,11 +318,19 @@ fn jwt_auth(env: &Env, dev: bool) -> Result<JwtAuth, ConfigError> {
         }
     };
     let issuer = env.get("UPLINK_TOKEN_JWT_ISSUER").ok_or_else(|| {
-        ConfigError::new("UPLINK_TOKEN_JWT_ISSUER", "is required when UPLINK_TOKEN_AUTH=jwt (the `iss` of your identity provider's tokens)")
+        ConfigError::new(
+            "UPLINK_TOKEN_JWT_ISSUER",
+            "is required when UPLINK_TOKEN_AUTH=jwt (the `iss` of your identity provider's tokens)",
+        )
     })?;
     let audiences: Vec<String> = env
         .get("UPLINK_TOKEN_JWT_AUDIENCE")
-        .map(|raw| raw.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+        .map(|raw| {
+            raw.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     if audiences.is_empty() {
         return Err(ConfigError::new(
@@ -317,10 +338,17 @@ fn jwt_auth(env: &Env, dev: bool) -> Result<JwtAuth, ConfigError> {
             "is required when UPLINK_TOKEN_AUTH=jwt (the `aud` your identity provider puts in tokens meant for this app)",
         ));
     }
-    let user_claim = env.get("UPLINK_TOKEN_USER_CLAIM").unwrap_or_else(|| "sub".to_owned()).trim().to_owned();
+    let user_claim = env
+        .get("UPLINK_TOKEN_USER_CLAIM")
+        .unwrap_or_else(|| "sub".to_owned())
+        .trim()
+        .to_owned();
     let jwks_timeout = env.seconds_or("UPLINK_TOKEN_JWKS_TIMEOUT_SECONDS", Duration::from_secs(5))?;
     if jwks_timeout.is_zero() {
-        return Err(ConfigError::new("UPLINK_TOKEN_JWKS_TIMEOUT_SECONDS", "must be above zero"));
+        return Err(ConfigError::new(
+            "UPLINK_TOKEN_JWKS_TIMEOUT_SECONDS",
+            "must be above zero",
+        ));
     }
     Ok(JwtAuth {
         keys,
@@ -353,7 +381,10 @@ fn jwks_url(raw: &str, dev: bool) -> Result<reqwest::Url, ConfigError> {
             "UPLINK_TOKEN_JWKS_URL",
             "must be an https:// URL (plain http is only allowed for loopback hosts or with UPLINK_DEV=1)",
         )),
-        other => Err(ConfigError::new("UPLINK_TOKEN_JWKS_URL", format!("unsupported scheme {other:?}; use https://"))),
+        other => Err(ConfigError::new(
+            "UPLINK_TOKEN_JWKS_URL",
+            format!("unsupported scheme {other:?}; use https://"),
+        )),
     }
 }
 
@@ -372,7 +403,10 @@ fn allowed_collections(env: &Env) -> Result<Option<BTreeSet<String>>, ConfigErro
         })
         .collect::<Result<BTreeSet<_>, _>>()?;
     if names.is_empty() {
-        return Err(ConfigError::new("UPLINK_ALLOWED_COLLECTIONS", "lists no collection; unset it to allow any"));
+        return Err(ConfigError::new(
+            "UPLINK_ALLOWED_COLLECTIONS",
+            "lists no collection; unset it to allow any",
+        ));
     }
     Ok(Some(names))
 }
@@ -398,24 +432,36 @@ mod tests {
         let err = ApiConfig::from_env(&Env::from_map([("POWERSYNC_URL", "https://ps.example")])).expect_err("no key");
         assert_eq!(err.var, "POWERSYNC_PRIVATE_KEY");
         let key = SigningKey::generate(2048).expect("key");
-        let env = Env::from_map([("POWERSYNC_URL", "https://ps.example"), ("POWERSYNC_PRIVATE_KEY", key.private_env_value().as_str())]);
+        let env = Env::from_map([
+            ("POWERSYNC_URL", "https://ps.example"),
+            ("POWERSYNC_PRIVATE_KEY", key.private_env_value().as_str()),
+        ]);
         let err = ApiConfig::from_env(&env).expect_err("no auth mode");
         assert_eq!(err.var, "UPLINK_TOKEN_AUTH");
         let mut env = env;
         env.set("UPLINK_TOKEN_AUTH", "shared-secret");
-        assert_eq!(ApiConfig::from_env(&env).expect_err("no secret").var, "UPLINK_TOKEN_SHARED_SECRET");
+        assert_eq!(
+            ApiConfig::from_env(&env).expect_err("no secret").var,
+            "UPLINK_TOKEN_SHARED_SECRET"
+        );
         env.set("UPLINK_TOKEN_SHARED_SECRET", "0123456789abcdef0123456789abcdef");
         let cfg = ApiConfig::from_env(&env).expect("valid");
         assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
         env.set("UPLINK_UPLOAD_AUTH", "none");
-        assert_eq!(ApiConfig::from_env(&env).expect_err("none needs dev").var, "UPLINK_UPLOAD_AUTH");
+        assert_eq!(
+            ApiConfig::from_env(&env).expect_err("none needs dev").var,
+            "UPLINK_UPLOAD_AUTH"
+        );
     }
 
     #[test]
     fn token_lifetime_above_a_day_is_refused() {
         let mut env = base();
         env.set("UPLINK_TOKEN_LIFETIME_SECONDS", "86401");
-        assert_eq!(ApiConfig::from_env(&env).expect_err("too long").var, "UPLINK_TOKEN_LIFETIME_SECONDS");
+        assert_eq!(
+            ApiConfig::from_env(&env).expect_err("too long").var,
+            "UPLINK_TOKEN_LIFETIME_SECONDS"
+        );
         env.set("UPLINK_TOKEN_LIFETIME_SECONDS", "86400");
         assert!(ApiConfig::from_env(&env).is_ok());
     }

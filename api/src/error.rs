@@ -42,16 +42,25 @@ pub enum ApiError {
     BodyTooLarge(usize),
     /// The broker did not take the batch; retrying later can succeed.
     #[error("broker unavailable: {source}")]
-    Unavailable { source: PublishError, retry_after: Duration },
+    Unavailable {
+        source: PublishError,
+        retry_after: Duration,
+    },
     /// Anything unexpected: logged in full, answered opaquely.
     #[error("internal error at {location}: {message}")]
-    Internal { message: String, location: &'static std::panic::Location<'static> },
+    Internal {
+        message: String,
+        location: &'static std::panic::Location<'static>,
+    },
 }
 
 impl ApiError {
     #[track_caller]
     pub fn internal(message: impl Into<String>) -> Self {
-        ApiError::Internal { message: message.into(), location: std::panic::Location::caller() }
+        ApiError::Internal {
+            message: message.into(),
+            location: std::panic::Location::caller(),
+        }
     }
 
     /// Bounded label for metrics.
@@ -77,7 +86,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match &self {
-            ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, json!({"error": {"code": "bad_request", "message": message}})),
+            ApiError::BadRequest(message) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": {"code": "bad_request", "message": message}}),
+            ),
             ApiError::Batch(e) => {
                 let (status, code) = match e.kind {
                     BatchErrorKind::Malformed => (StatusCode::BAD_REQUEST, "malformed_batch"),
@@ -104,12 +116,18 @@ impl IntoResponse for ApiError {
             }
             ApiError::Forbidden(message) => {
                 tracing::info!(error = %self, "request refused");
-                (StatusCode::FORBIDDEN, json!({"error": {"code": "forbidden", "message": message}}))
+                (
+                    StatusCode::FORBIDDEN,
+                    json!({"error": {"code": "forbidden", "message": message}}),
+                )
             }
             ApiError::Unauthorized(_) | ApiError::TokenEndpointUnauthorized | ApiError::IdentityToken(_) => {
                 // The precise reason is logged, not told to a possibly hostile caller.
                 tracing::info!(error = %self, "request refused");
-                (StatusCode::UNAUTHORIZED, json!({"error": {"code": "unauthorized", "message": "missing or invalid credentials"}}))
+                (
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": {"code": "unauthorized", "message": "missing or invalid credentials"}}),
+                )
             }
             ApiError::BodyTooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -130,7 +148,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::Internal { .. } => {
                 tracing::error!(error = %self, "internal error");
-                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": {"code": "internal", "message": "internal error"}}))
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": {"code": "internal", "message": "internal error"}}),
+                )
             }
         };
         (status, Json(body)).into_response()

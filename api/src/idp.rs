@@ -64,15 +64,18 @@ struct Inner {
 }
 
 enum KeySource {
-    Hs256(DecodingKey),
-    Jwks(JwksCache),
+    Hs256(Arc<IdpKey>),
+    Jwks(Box<JwksCache>),
 }
 
 impl IdpVerifier {
     pub fn new(auth: &JwtAuth, leeway: Duration) -> Result<Self, reqwest::Error> {
         let keys = match &auth.keys {
-            IdpKeys::Hs256(secret) => KeySource::Hs256(DecodingKey::from_secret(secret.expose_secret().as_bytes())),
-            IdpKeys::Jwks(url) => KeySource::Jwks(JwksCache::new(url.clone(), auth)?),
+            IdpKeys::Hs256(secret) => KeySource::Hs256(Arc::new(IdpKey {
+                alg: Algorithm::HS256,
+                decoding: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+            })),
+            IdpKeys::Jwks(url) => KeySource::Jwks(Box::new(JwksCache::new(url.clone(), auth)?)),
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -102,13 +105,16 @@ impl IdpVerifier {
                 if header.alg != Algorithm::HS256 {
                     return Err(IdpError::Algorithm(format!("{:?} (expected HS256)", header.alg)));
                 }
-                Arc::new(IdpKey { alg: Algorithm::HS256, decoding: key.clone() })
+                key.clone()
             }
             KeySource::Jwks(cache) => {
                 // Checked before the kid lookup so that tokens which can never verify do not
                 // trigger JWKS fetches.
                 if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
-                    return Err(IdpError::Algorithm(format!("{:?} (expected RS256 or ES256)", header.alg)));
+                    return Err(IdpError::Algorithm(format!(
+                        "{:?} (expected RS256 or ES256)",
+                        header.alg
+                    )));
                 }
                 let kid = header.kid.ok_or(IdpError::NoKid)?;
                 let key = cache.key(&kid).await?;
@@ -225,7 +231,10 @@ impl JwksCache {
             Some(key) => Ok(key.clone()),
             // The key may be new and the provider unreachable: retrying later can help.
             None if snapshot.fetched_at.is_none() || snapshot.last_error.is_some() => Err(IdpError::KeysUnavailable(
-                snapshot.last_error.clone().unwrap_or_else(|| "not fetched yet".to_owned()),
+                snapshot
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "not fetched yet".to_owned()),
             )),
             None => Err(IdpError::UnknownKid(kid.to_owned())),
         }
@@ -307,12 +316,17 @@ fn usable_key(value: Value) -> Result<(String, Arc<IdpKey>), String> {
             }
             (Algorithm::RS256, KeyAlgorithm::RS256)
         }
-        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => (Algorithm::ES256, KeyAlgorithm::ES256),
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+            (Algorithm::ES256, KeyAlgorithm::ES256)
+        }
         // Symmetric keys in a published JWKS would let anyone who reads it forge tokens.
         _ => return Err(format!("{kid}: only RSA and P-256 keys are used")),
     };
     if jwk.common.key_algorithm.is_some_and(|declared| declared != key_alg) {
-        return Err(format!("{kid}: declared for {:?}, uplink accepts {key_alg:?} only", jwk.common.key_algorithm));
+        return Err(format!(
+            "{kid}: declared for {:?}, uplink accepts {key_alg:?} only",
+            jwk.common.key_algorithm
+        ));
     }
     let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| format!("{kid}: {e}"))?;
     Ok((kid, Arc::new(IdpKey { alg, decoding })))
@@ -325,7 +339,10 @@ mod tests {
 
     #[test]
     fn only_rsa_and_p256_signing_keys_are_used() {
-        let rsa = crate::keys::SigningKey::generate(2048).expect("key").verifying_key().jwk();
+        let rsa = crate::keys::SigningKey::generate(2048)
+            .expect("key")
+            .verifying_key()
+            .jwk();
         let rsa = serde_json::to_value(rsa).expect("json");
         assert!(usable_key(rsa.clone()).is_ok());
 
@@ -337,7 +354,13 @@ mod tests {
         no_kid.as_object_mut().expect("object").remove("kid");
         let oct = json!({"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"});
         let short = json!({"kty": "RSA", "n": URL_SAFE_NO_PAD.encode([0xffu8; 128]), "e": "AQAB", "kid": "short"});
-        for (what, jwk) in [("enc", enc), ("ps256", ps256), ("no kid", no_kid), ("oct", oct), ("short", short)] {
+        for (what, jwk) in [
+            ("enc", enc),
+            ("ps256", ps256),
+            ("no kid", no_kid),
+            ("oct", oct),
+            ("short", short),
+        ] {
             assert!(usable_key(jwk).is_err(), "{what} should be skipped");
         }
     }

@@ -121,7 +121,9 @@ impl VerifyingKey {
 
 impl fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VerifyingKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -145,9 +147,7 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     fn new(kid: String, private: RsaPrivateKey) -> Result<Self, KeyError> {
         check_size(&private.to_public_key())?;
-        let der = private
-            .to_pkcs1_der()
-            .map_err(|e| KeyError::BadPem(e.to_string()))?;
+        let der = private.to_pkcs1_der().map_err(|e| KeyError::BadPem(e.to_string()))?;
         let encoding = EncodingKey::from_rsa_der(der.as_bytes());
         Ok(Self { kid, private, encoding })
     }
@@ -155,7 +155,8 @@ impl SigningKey {
     /// A fresh key pair with a `powersync-<hex>` kid, as CloudCode's `generate_keys` makes.
     pub fn generate(bits: usize) -> Result<Self, KeyError> {
         let mut rng = rand::thread_rng();
-        let private = RsaPrivateKey::new(&mut rng, bits.max(MIN_RSA_BITS)).map_err(|e| KeyError::BadPem(e.to_string()))?;
+        let private =
+            RsaPrivateKey::new(&mut rng, bits.max(MIN_RSA_BITS)).map_err(|e| KeyError::BadPem(e.to_string()))?;
         let mut suffix = [0u8; 5];
         rng.fill_bytes(&mut suffix);
         Self::new(format!("powersync-{}", hex::encode(suffix)), private)
@@ -166,10 +167,7 @@ impl SigningKey {
         match decode_encoding(encoded)? {
             Encoded::Jwk(jwk) => {
                 let private = jwk_private(&jwk)?;
-                let kid = jwk
-                    .kid
-                    .clone()
-                    .unwrap_or_else(|| derived_kid(&private.to_public_key()));
+                let kid = jwk.kid.clone().unwrap_or_else(|| derived_kid(&private.to_public_key()));
                 Self::new(kid, private)
             }
             Encoded::Pem(pem) => {
@@ -187,7 +185,11 @@ impl SigningKey {
     pub fn verifying_key(&self) -> VerifyingKey {
         let public = self.private.to_public_key();
         let decoding = DecodingKey::from_rsa_raw_components(&public.n().to_bytes_be(), &public.e().to_bytes_be());
-        VerifyingKey { kid: self.kid.clone(), public, decoding }
+        VerifyingKey {
+            kid: self.kid.clone(),
+            public,
+            decoding,
+        }
     }
 
     /// `POWERSYNC_PRIVATE_KEY` in the CloudCode / Node-demo format: base64 of the JWK JSON.
@@ -218,7 +220,7 @@ impl SigningKey {
 }
 
 enum Encoded {
-    Jwk(JwkJson),
+    Jwk(Box<JwkJson>),
     Pem(String),
 }
 
@@ -229,7 +231,7 @@ fn decode_encoding(encoded: &str) -> Result<Encoded, KeyError> {
     }
     if trimmed.starts_with('{') {
         return serde_json::from_str(trimmed)
-            .map(Encoded::Jwk)
+            .map(|jwk| Encoded::Jwk(Box::new(jwk)))
             .map_err(|e| KeyError::BadJwk(e.to_string()));
     }
     let compact: String = trimmed.chars().filter(|c| !c.is_whitespace()).collect();
@@ -244,7 +246,7 @@ fn decode_encoding(encoded: &str) -> Result<Encoded, KeyError> {
         Ok(Encoded::Pem(text.to_owned()))
     } else if text.starts_with('{') {
         serde_json::from_str(text)
-            .map(Encoded::Jwk)
+            .map(|jwk| Encoded::Jwk(Box::new(jwk)))
             .map_err(|e| KeyError::BadJwk(e.to_string()))
     } else {
         Err(KeyError::UnknownEncoding)
@@ -320,7 +322,11 @@ pub struct KeySet {
 
 impl KeySet {
     /// Builds the set, checking that an explicitly given public key matches the private key.
-    pub fn new(signing: SigningKey, public: Option<VerifyingKey>, previous: Vec<VerifyingKey>) -> Result<Self, KeyError> {
+    pub fn new(
+        signing: SigningKey,
+        public: Option<VerifyingKey>,
+        previous: Vec<VerifyingKey>,
+    ) -> Result<Self, KeyError> {
         if let Some(public) = public {
             if public.public != signing.verifying_key().public {
                 return Err(KeyError::Mismatch);
@@ -355,7 +361,11 @@ mod tests {
     #[test]
     fn generated_keys_round_trip_through_their_env_values() {
         let k = key();
-        assert!(k.kid.starts_with("powersync-") && k.kid.len() == "powersync-".len() + 10, "{}", k.kid);
+        assert!(
+            k.kid.starts_with("powersync-") && k.kid.len() == "powersync-".len() + 10,
+            "{}",
+            k.kid
+        );
         let again = SigningKey::parse(&k.private_env_value()).expect("loads");
         assert_eq!(again.kid, k.kid);
         assert_eq!(again.verifying_key().public, k.verifying_key().public);

@@ -104,8 +104,20 @@ impl Application {
                 "POWERSYNC_PRIVATE_KEY is not set: signing with a TEMPORARY key generated at start-up; its tokens stop verifying when this process exits"
             );
         }
-        if matches!(config.token_auth, TokenAuth::Open) {
-            tracing::warn!("/token is OPEN: anyone can obtain a token for any user id (development mode)");
+        match &config.token_auth {
+            TokenAuth::Open => {
+                tracing::warn!("/token is OPEN: anyone can obtain a token for any user id (development mode)")
+            }
+            TokenAuth::SharedSecret(_) => {
+                tracing::info!("/token requires the shared secret (UPLINK_TOKEN_AUTH=shared-secret)")
+            }
+            TokenAuth::Jwt(jwt) => tracing::info!(
+                keys = ?jwt.keys,
+                issuer = %jwt.issuer,
+                audiences = ?jwt.audiences,
+                user_claim = %jwt.user_claim,
+                "/token requires an identity provider's token (UPLINK_TOKEN_AUTH=jwt)"
+            ),
         }
         if config.upload_auth == UploadAuth::None {
             tracing::warn!("/upload does NOT authenticate callers (UPLINK_UPLOAD_AUTH=none, development mode)");
@@ -113,7 +125,12 @@ impl Application {
         let listener = TcpListener::bind(config.addr).await?;
         let state = AppState::new(config, cancel.clone()).await?;
         let router = router(state.clone());
-        Ok(Self { listener, router, state, cancel })
+        Ok(Self {
+            listener,
+            router,
+            state,
+            cancel,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -158,7 +175,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(routes::metrics))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), routes::track))
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
         .layer(cors)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -167,7 +187,11 @@ pub fn router(state: AppState) -> Router {
 fn cors_layer(origins: &[String]) -> CorsLayer {
     let base = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::HeaderName::from_static("traceparent")])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("traceparent"),
+        ])
         .max_age(Duration::from_secs(600));
     if origins.iter().any(|o| o == "*") {
         base.allow_origin(AllowOrigin::any())

@@ -41,7 +41,9 @@ enum KeysCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Keys { command: KeysCommand::Generate { bits } } => {
+        Command::Keys {
+            command: KeysCommand::Generate { bits },
+        } => {
             let key = SigningKey::generate(bits)?;
             println!("POWERSYNC_PRIVATE_KEY={}", key.private_env_value());
             println!("POWERSYNC_PUBLIC_KEY={}", key.public_env_value());

@@ -1,9 +1,7 @@
 //! The api's Prometheus metrics. Labels are bounded: routes, methods, status codes, outcomes
 //! and op kinds, never user ids.
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use uplink_common::telemetry::LATENCY_BUCKETS;
 
 #[derive(Clone)]
@@ -25,12 +23,18 @@ impl ApiMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
-            Opts::new("uplink_http_requests_total", "HTTP requests answered, by route, method and status."),
+            Opts::new(
+                "uplink_http_requests_total",
+                "HTTP requests answered, by route, method and status.",
+            ),
             &["route", "method", "status"],
         )?;
         let http_duration = HistogramVec::new(
-            HistogramOpts::new("uplink_http_request_duration_seconds", "Time to answer an HTTP request, by route.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "uplink_http_request_duration_seconds",
+                "Time to answer an HTTP request, by route.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route"],
         )?;
         let upload_duration = Histogram::with_opts(
@@ -49,16 +53,25 @@ impl ApiMetrics {
             &["outcome"],
         )?;
         let ops_accepted = IntCounterVec::new(
-            Opts::new("uplink_upload_ops_total", "Operations in batches the broker confirmed, by kind."),
+            Opts::new(
+                "uplink_upload_ops_total",
+                "Operations in batches the broker confirmed, by kind.",
+            ),
             &["op"],
         )?;
         let uploads_rejected = IntCounterVec::new(
-            Opts::new("uplink_uploads_rejected_total", "Uploads refused before publishing, by reason."),
+            Opts::new(
+                "uplink_uploads_rejected_total",
+                "Uploads refused before publishing, by reason.",
+            ),
             &["reason"],
         )?;
         let tokens_issued = IntCounter::new("uplink_tokens_issued_total", "PowerSync tokens issued.")?;
         let auth_failures = IntCounterVec::new(
-            Opts::new("uplink_auth_failures_total", "Requests refused for bad or missing credentials, by route."),
+            Opts::new(
+                "uplink_auth_failures_total",
+                "Requests refused for bad or missing credentials, by route.",
+            ),
             &["route"],
         )?;
         let broker_up = IntGauge::new("uplink_broker_up", "1 when the api has a usable broker connection.")?;

@@ -72,7 +72,12 @@ const HEALTH_POLL: Duration = Duration::from_millis(250);
 impl Publisher {
     /// Starts the supervisor; it connects in the background and keeps reconnecting until
     /// `cancel` fires.
-    pub fn start(amqp: AmqpConfig, confirm_timeout: Duration, connection_name: String, cancel: CancellationToken) -> Self {
+    pub fn start(
+        amqp: AmqpConfig,
+        confirm_timeout: Duration,
+        connection_name: String,
+        cancel: CancellationToken,
+    ) -> Self {
         let topology = Topology::new(&amqp);
         let inner = Arc::new(Inner {
             amqp,
@@ -123,7 +128,12 @@ impl Publisher {
 
     /// Publishes one persistent message to the uploads exchange and waits for the broker's
     /// confirm. Returns only when the broker has taken responsibility for the message.
-    pub async fn publish(&self, routing_key: &str, payload: &[u8], properties: BasicProperties) -> Result<(), PublishError> {
+    pub async fn publish(
+        &self,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
         let live = self.inner.live.read().await.clone().ok_or(PublishError::Unavailable)?;
         let exchange = self.inner.topology.uploads_exchange();
         let timeout = self.inner.confirm_timeout;
@@ -135,7 +145,10 @@ impl Publisher {
                     routing_key.into(),
                     // mandatory: an unroutable message (a missing binding) comes back instead of
                     // being silently dropped with an Ack.
-                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     payload,
                     properties,
                 )
@@ -184,7 +197,10 @@ async fn supervise(inner: Arc<Inner>, cancel: CancellationToken) {
                     }
                 }
                 *inner.live.write().await = None;
-                let _ = live.connection.close(200, "uplink-api reconnecting or stopping".into()).await;
+                let _ = live
+                    .connection
+                    .close(200, "uplink-api reconnecting or stopping".into())
+                    .await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the broker");
@@ -206,7 +222,10 @@ async fn open(inner: &Inner) -> lapin::Result<Live> {
     let channel = connection.create_channel().await?;
     inner.topology.declare(&channel).await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(Live { connection: Arc::new(connection), channel })
+    Ok(Live {
+        connection: Arc::new(connection),
+        channel,
+    })
 }
 
 /// Up to 25 % random jitter, so replicas that lost the broker together do not reconnect in

@@ -11,10 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use secrecy::ExposeSecret;
 use uplink_common::amqp::text;
 use uplink_common::envelope::{headers as h, CONTENT_TYPE, MESSAGE_TYPE_V1};
 use uplink_common::partition::partition_for;
@@ -47,11 +47,18 @@ const MAX_USER_ID_BYTES: usize = 256;
 /// Mints a PowerSync token. Who may ask, and for whom, is the configured [`TokenAuth`] mode's
 /// decision: the user comes from `?user_id=` only in `open` and `shared-secret` modes, where the
 /// caller is trusted to name it; in `jwt` mode it comes from the verified identity token.
-pub async fn token(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<UserQuery>) -> Result<Json<TokenResponse>, ApiError> {
+pub async fn token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<UserQuery>,
+) -> Result<Json<TokenResponse>, ApiError> {
     let result = authorize_token_request(&state, &headers, query).await;
     if matches!(
         result,
-        Err(ApiError::Unauthorized(_) | ApiError::TokenEndpointUnauthorized | ApiError::IdentityToken(_) | ApiError::Forbidden(_))
+        Err(ApiError::Unauthorized(_)
+            | ApiError::TokenEndpointUnauthorized
+            | ApiError::IdentityToken(_)
+            | ApiError::Forbidden(_))
     ) {
         state.metrics.auth_failures.with_label_values(&["/token"]).inc();
     }
@@ -73,7 +80,9 @@ async fn authorize_token_request(state: &AppState, headers: &HeaderMap, query: U
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let asked = query.user_id.as_deref().map(str::trim).filter(|u| !u.is_empty());
     let user_id = match &state.config.token_auth {
-        TokenAuth::Open => asked.ok_or_else(|| ApiError::BadRequest("user_id is required".into()))?.to_owned(),
+        TokenAuth::Open => asked
+            .ok_or_else(|| ApiError::BadRequest("user_id is required".into()))?
+            .to_owned(),
         TokenAuth::SharedSecret(secret) => {
             let ok = bearer(authorization)
                 .map(|p| bool::from(p.as_bytes().ct_eq(secret.expose_secret().as_bytes())))
@@ -81,7 +90,9 @@ async fn authorize_token_request(state: &AppState, headers: &HeaderMap, query: U
             if !ok {
                 return Err(ApiError::TokenEndpointUnauthorized);
             }
-            asked.ok_or_else(|| ApiError::BadRequest("user_id is required".into()))?.to_owned()
+            asked
+                .ok_or_else(|| ApiError::BadRequest("user_id is required".into()))?
+                .to_owned()
         }
         TokenAuth::Jwt(_) => {
             let verifier = state
@@ -99,7 +110,9 @@ async fn authorize_token_request(state: &AppState, headers: &HeaderMap, query: U
             // Answering with a token for the verified user instead would hide the caller's bug,
             // and honouring the parameter would let any user read any other user's data.
             if asked.is_some_and(|a| a != user) {
-                return Err(ApiError::Forbidden("user_id does not match the authenticated user".into()));
+                return Err(ApiError::Forbidden(
+                    "user_id does not match the authenticated user".into(),
+                ));
             }
             user
         }
@@ -180,7 +193,11 @@ async fn accept_upload(
     span.record("batch_id", tracing::field::display(batch_id));
     span.record("ops", op_count);
     if batch.ops.is_empty() {
-        return Ok(Json(UploadResponse { batch_id, ops: 0, checkpoint }));
+        return Ok(Json(UploadResponse {
+            batch_id,
+            ops: 0,
+            checkpoint,
+        }));
     }
 
     let topology = state.publisher.topology();
@@ -204,7 +221,10 @@ async fn accept_upload(
     });
     let mut amqp_headers = FieldTable::default();
     amqp_headers.insert(h::USER_ID.into(), text(&user_id));
-    amqp_headers.insert(h::PARTITION.into(), lapin::types::AMQPValue::LongInt(i32::from(partition)));
+    amqp_headers.insert(
+        h::PARTITION.into(),
+        lapin::types::AMQPValue::LongInt(i32::from(partition)),
+    );
     amqp_headers.insert(h::TRACEPARENT.into(), text(&trace.to_string()));
     let properties = BasicProperties::default()
         // Persistent: the message survives a broker restart once confirmed.
@@ -218,18 +238,29 @@ async fn accept_upload(
 
     state.metrics.publish_attempts.inc();
     let routing_key = topology.routing_key(partition);
-    match state.publisher.publish(&routing_key, &envelope.to_vec(), properties).await {
+    match state
+        .publisher
+        .publish(&routing_key, &envelope.to_vec(), properties)
+        .await
+    {
         Ok(()) => {
             state.metrics.batches_published.with_label_values(&["confirmed"]).inc();
             for kind in kinds {
                 state.metrics.ops_accepted.with_label_values(&[kind]).inc();
             }
             tracing::debug!(trace_id = %trace.trace_id_hex(), "batch accepted");
-            Ok(Json(UploadResponse { batch_id, ops: op_count, checkpoint }))
+            Ok(Json(UploadResponse {
+                batch_id,
+                ops: op_count,
+                checkpoint,
+            }))
         }
         Err(e) => {
             state.metrics.batches_published.with_label_values(&[e.outcome()]).inc();
-            Err(ApiError::Unavailable { source: e, retry_after: state.config.retry_after })
+            Err(ApiError::Unavailable {
+                source: e,
+                retry_after: state.config.retry_after,
+            })
         }
     }
 }
@@ -241,7 +272,11 @@ pub async fn healthz() -> Json<serde_json::Value> {
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let broker = state.publisher.is_ready().await;
     state.metrics.broker_up.set(i64::from(broker));
-    let status = if broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "status": if broker { "ready" } else { "not ready" },
         "checks": { "broker": if broker { "up" } else { "down" } },

@@ -55,8 +55,20 @@ pub struct TokenService {
 }
 
 impl TokenService {
-    pub fn new(keys: Arc<KeySet>, audience: String, issuer: Option<String>, lifetime: Duration, leeway: Duration) -> Self {
-        Self { keys, audience, issuer, lifetime, leeway }
+    pub fn new(
+        keys: Arc<KeySet>,
+        audience: String,
+        issuer: Option<String>,
+        lifetime: Duration,
+        leeway: Duration,
+    ) -> Self {
+        Self {
+            keys,
+            audience,
+            issuer,
+            lifetime,
+            leeway,
+        }
     }
 
     pub fn keys(&self) -> &KeySet {
@@ -146,7 +158,13 @@ mod tests {
     use crate::keys::SigningKey;
 
     fn service(keys: KeySet) -> TokenService {
-        TokenService::new(Arc::new(keys), "https://ps.example".into(), None, Duration::from_secs(600), Duration::from_secs(30))
+        TokenService::new(
+            Arc::new(keys),
+            "https://ps.example".into(),
+            None,
+            Duration::from_secs(600),
+            Duration::from_secs(30),
+        )
     }
 
     #[test]
