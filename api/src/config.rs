@@ -37,6 +37,11 @@
 //!   upload limits (defaults 4 MiB, 1000, 256, 32)
 //! - `UPLINK_ALLOWED_COLLECTIONS`: collections clients may write to, comma-separated (default:
 //!   any valid name); other collections get 422 naming the op and its `table`/`type` field
+//! - `UPLINK_ACK_MODE`: `confirm` (default: `/upload` answers 200 once the broker confirmed the
+//!   batch) or `apply` (once a worker committed it, for deployments on managed write
+//!   checkpoints)
+//! - `UPLINK_APPLY_TIMEOUT_SECONDS`: in `apply` mode, how long `/upload` waits for the commit
+//!   before answering 503 (the batch stays queued; the retry is deduplicated) (default 10)
 //! - `UPLINK_CONFIRM_TIMEOUT_SECONDS`: how long `/upload` waits for the broker's confirm
 //!   before answering 503 (default 5)
 //! - `UPLINK_RETRY_AFTER_SECONDS`: `Retry-After` on 503 answers (default 2)
@@ -118,6 +123,15 @@ impl fmt::Debug for IdpKeys {
 /// Shortest secret accepted for `shared-secret` and HS256: 256 bits, the HS256 key size.
 const MIN_SECRET_BYTES: usize = 32;
 
+/// When `/upload` answers 200.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMode {
+    /// Once the broker confirmed the batch (durably queued).
+    Confirm,
+    /// Once a worker committed the batch (its documents are readable).
+    Apply,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UploadAuth {
     /// Require a valid token uplink issued; the batch belongs to its `sub`.
@@ -142,6 +156,8 @@ pub struct ApiConfig {
     pub amqp: AmqpConfig,
     pub limits: Limits,
     pub confirm_timeout: Duration,
+    pub ack_mode: AckMode,
+    pub apply_timeout: Duration,
     pub retry_after: Duration,
     pub request_timeout: Duration,
     pub cors_origins: Vec<String>,
@@ -283,6 +299,17 @@ impl ApiConfig {
             amqp,
             limits,
             confirm_timeout: env.seconds_or("UPLINK_CONFIRM_TIMEOUT_SECONDS", Duration::from_secs(5))?,
+            ack_mode: match env.get("UPLINK_ACK_MODE").as_deref() {
+                None | Some("confirm") => AckMode::Confirm,
+                Some("apply") => AckMode::Apply,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "UPLINK_ACK_MODE",
+                        format!("expected confirm or apply, got {other:?}"),
+                    ))
+                }
+            },
+            apply_timeout: env.seconds_or("UPLINK_APPLY_TIMEOUT_SECONDS", Duration::from_secs(10))?,
             retry_after: env.seconds_or("UPLINK_RETRY_AFTER_SECONDS", Duration::from_secs(2))?,
             request_timeout: env.seconds_or("UPLINK_REQUEST_TIMEOUT_SECONDS", Duration::from_secs(30))?,
             cors_origins,

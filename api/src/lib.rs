@@ -51,6 +51,7 @@ impl AppState {
             config.amqp.clone(),
             config.confirm_timeout,
             format!("uplink-api@{}", hostname()),
+            config.ack_mode == config::AckMode::Apply,
             cancel.clone(),
         );
         let tokens = TokenService::new(

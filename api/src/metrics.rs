@@ -17,6 +17,7 @@ pub struct ApiMetrics {
     pub tokens_issued: IntCounter,
     pub auth_failures: IntCounterVec,
     pub broker_up: IntGauge,
+    pub apply_waits: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -74,6 +75,14 @@ impl ApiMetrics {
             ),
             &["route"],
         )?;
+        let apply_waits = IntCounterVec::new(
+            Opts::new(
+                "uplink_apply_waits_total",
+                "Acknowledge-on-apply: waits for a worker's commit, by outcome (applied, dead_lettered, not_applied, reply_lost).",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(apply_waits.clone()))?;
         let broker_up = IntGauge::new("uplink_broker_up", "1 when the api has a usable broker connection.")?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
@@ -97,6 +106,7 @@ impl ApiMetrics {
             tokens_issued,
             auth_failures,
             broker_up,
+            apply_waits,
         })
     }
 }

@@ -5,14 +5,18 @@
 //! counts as published only when the broker has confirmed it (Ack) and has not returned it as
 //! unroutable (`mandatory`); everything else is an error the handler turns into a 503.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use tokio::sync::{Notify, RwLock};
+use tokio::sync::{oneshot, Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use uplink_common::config::AmqpConfig;
+use uplink_common::envelope::ApplyOutcome;
 use uplink_common::topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,13 @@ pub enum PublishError {
     Returned(String),
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    /// Acknowledge-on-apply: confirmed by the broker, but no worker committed it in time. The
+    /// batch stays queued and will apply; the client's retry is deduplicated.
+    #[error("confirmed, but not applied within {0:?}")]
+    NotApplied(Duration),
+    /// Acknowledge-on-apply: the connection the reply would come back on was lost.
+    #[error("confirmed, but the connection to hear back from the worker was lost")]
+    ReplyLost,
 }
 
 impl PublishError {
@@ -38,6 +49,8 @@ impl PublishError {
             PublishError::Nacked => "nacked",
             PublishError::Returned(_) => "returned",
             PublishError::Broker(_) => "error",
+            PublishError::NotApplied(_) => "not_applied",
+            PublishError::ReplyLost => "reply_lost",
         }
     }
 }
@@ -63,7 +76,15 @@ struct Inner {
     /// Woken when a connection has been established.
     connected: Notify,
     connection_name: String,
+    /// Acknowledge-on-apply: whether the channel listens for workers' replies.
+    await_replies: bool,
+    /// Batches whose commit someone is waiting for, by batch id (the `correlation_id`).
+    pending: Mutex<HashMap<String, oneshot::Sender<ApplyOutcome>>>,
 }
+
+/// RabbitMQ's direct reply-to pseudo-queue: replies reach the channel that published the
+/// request, with no queue to declare or clean up, so api replicas stay stateless.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -76,6 +97,7 @@ impl Publisher {
         amqp: AmqpConfig,
         confirm_timeout: Duration,
         connection_name: String,
+        await_replies: bool,
         cancel: CancellationToken,
     ) -> Self {
         let topology = Topology::new(&amqp);
@@ -87,6 +109,8 @@ impl Publisher {
             trouble: Notify::new(),
             connected: Notify::new(),
             connection_name,
+            await_replies,
+            pending: Mutex::new(HashMap::new()),
         });
         tokio::spawn(supervise(inner.clone(), cancel));
         Self { inner }
@@ -172,6 +196,66 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// Acknowledge-on-apply: publishes like [`Publisher::publish`], then waits until a worker
+    /// reports the batch committed (or dead-lettered), at most `apply_timeout`.
+    pub async fn publish_and_wait_applied(
+        &self,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+        batch_id: &str,
+        apply_timeout: Duration,
+    ) -> Result<ApplyOutcome, PublishError> {
+        let (tx, rx) = oneshot::channel();
+        self.pending().insert(batch_id.to_owned(), tx);
+        let properties = properties
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(batch_id.into());
+        if let Err(e) = self.publish(routing_key, payload, properties).await {
+            self.pending().remove(batch_id);
+            return Err(e);
+        }
+        let outcome = tokio::time::timeout(apply_timeout, rx).await;
+        self.pending().remove(batch_id);
+        match outcome {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(PublishError::ReplyLost),
+            Err(_) => Err(PublishError::NotApplied(apply_timeout)),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<ApplyOutcome>>> {
+        // A poisoned map only means a panic elsewhere while holding it; its contents are
+        // still valid.
+        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Hands each worker reply to the request waiting for it.
+async fn route_replies(inner: Arc<Inner>, mut replies: lapin::Consumer) {
+    while let Some(Ok(delivery)) = replies.next().await {
+        let Some(batch_id) = delivery.properties.correlation_id().as_ref().map(|c| c.to_string()) else {
+            continue;
+        };
+        let outcome: ApplyOutcome = match serde_json::from_slice(&delivery.data) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, %batch_id, "unreadable apply acknowledgement");
+                continue;
+            }
+        };
+        let waiter = inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&batch_id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(outcome);
+        }
+    }
+}
+
 async fn supervise(inner: Arc<Inner>, cancel: CancellationToken) {
     let mut delay = RECONNECT_MIN;
     loop {
@@ -179,28 +263,14 @@ async fn supervise(inner: Arc<Inner>, cancel: CancellationToken) {
             break;
         }
         match open(&inner).await {
-            Ok(live) => {
-                tracing::info!(prefix = %inner.topology.prefix, "connected to the broker, topology declared");
+            Ok((live, Some(replies))) => {
+                tokio::spawn(route_replies(inner.clone(), replies));
+                run_connection(&inner, live, &cancel).await;
                 delay = RECONNECT_MIN;
-                *inner.live.write().await = Some(live.clone());
-                inner.connected.notify_waiters();
-                // Watch the connection until it breaks or we are told to stop.
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = inner.trouble.notified() => {}
-                        _ = tokio::time::sleep(HEALTH_POLL) => {}
-                    }
-                    if !(live.connection.status().connected() && live.channel.status().connected()) {
-                        tracing::warn!("broker connection lost; reconnecting");
-                        break;
-                    }
-                }
-                *inner.live.write().await = None;
-                let _ = live
-                    .connection
-                    .close(200, "uplink-api reconnecting or stopping".into())
-                    .await;
+            }
+            Ok((live, None)) => {
+                run_connection(&inner, live, &cancel).await;
+                delay = RECONNECT_MIN;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the broker");
@@ -217,15 +287,63 @@ async fn supervise(inner: Arc<Inner>, cancel: CancellationToken) {
     }
 }
 
-async fn open(inner: &Inner) -> lapin::Result<Live> {
+/// Publishes through `live` until its connection breaks or `cancel` fires.
+async fn run_connection(inner: &Inner, live: Live, cancel: &CancellationToken) {
+    tracing::info!(prefix = %inner.topology.prefix, "connected to the broker, topology declared");
+    *inner.live.write().await = Some(live.clone());
+    inner.connected.notify_waiters();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = inner.trouble.notified() => {}
+            _ = tokio::time::sleep(HEALTH_POLL) => {}
+        }
+        if !(live.connection.status().connected() && live.channel.status().connected()) {
+            tracing::warn!("broker connection lost; reconnecting");
+            break;
+        }
+    }
+    *inner.live.write().await = None;
+    // Replies for these would have come back on the lost channel: fail the waiters now rather
+    // than at their timeout.
+    inner.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let _ = live
+        .connection
+        .close(200, "uplink-api reconnecting or stopping".into())
+        .await;
+}
+
+async fn open(inner: &Inner) -> lapin::Result<(Live, Option<lapin::Consumer>)> {
     let connection = uplink_common::amqp::connect(&inner.amqp.url, &inner.connection_name).await?;
     let channel = connection.create_channel().await?;
     inner.topology.declare(&channel).await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(Live {
-        connection: Arc::new(connection),
-        channel,
-    })
+    // Direct reply-to needs the requests published on the channel that consumes the replies,
+    // in no-ack mode.
+    let replies = if inner.await_replies {
+        Some(
+            channel
+                .basic_consume(
+                    DIRECT_REPLY_TO.into(),
+                    "uplink-api-apply-acks".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?,
+        )
+    } else {
+        None
+    };
+    Ok((
+        Live {
+            connection: Arc::new(connection),
+            channel,
+        },
+        replies,
+    ))
 }
 
 /// Up to 25 % random jitter, so replicas that lost the broker together do not reconnect in

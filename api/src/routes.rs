@@ -22,11 +22,13 @@ use uplink_common::trace::TraceParent;
 use uplink_common::{Batch, Envelope, UploadBatch};
 use uuid::Uuid;
 
-use crate::config::{TokenAuth, UploadAuth};
+use crate::config::{AckMode, TokenAuth, UploadAuth};
 use crate::error::ApiError;
 use crate::idp::IdpError;
+use crate::publisher::PublishError;
 use crate::tokens::{bearer, TokenError};
 use crate::AppState;
+use uplink_common::envelope::ApplyOutcome;
 
 #[derive(Debug, Deserialize)]
 pub struct UserQuery {
@@ -139,6 +141,12 @@ pub struct UploadResponse {
     ops: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint: Option<i64>,
+    /// Acknowledge-on-apply only: `applied`, or `dead_lettered` for a batch that can never
+    /// apply (answered 2xx so it does not block the client's upload queue forever).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 #[tracing::instrument(name = "upload", skip_all, fields(batch_id, user_id, partition, ops))]
@@ -197,6 +205,8 @@ async fn accept_upload(
             batch_id,
             ops: 0,
             checkpoint,
+            status: None,
+            reason: None,
         }));
     }
 
@@ -238,25 +248,65 @@ async fn accept_upload(
 
     state.metrics.publish_attempts.inc();
     let routing_key = topology.routing_key(partition);
-    match state
-        .publisher
-        .publish(&routing_key, &envelope.to_vec(), properties)
-        .await
-    {
-        Ok(()) => {
-            state.metrics.batches_published.with_label_values(&["confirmed"]).inc();
-            for kind in kinds {
-                state.metrics.ops_accepted.with_label_values(&[kind]).inc();
-            }
+    let payload = envelope.to_vec();
+    let published = match state.config.ack_mode {
+        AckMode::Confirm => state
+            .publisher
+            .publish(&routing_key, &payload, properties)
+            .await
+            .map(|()| None),
+        AckMode::Apply => state
+            .publisher
+            .publish_and_wait_applied(
+                &routing_key,
+                &payload,
+                properties,
+                &batch_id.to_string(),
+                state.config.apply_timeout,
+            )
+            .await
+            .map(Some),
+    };
+    let confirmed = matches!(
+        published,
+        Ok(_) | Err(PublishError::NotApplied(_) | PublishError::ReplyLost)
+    );
+    if confirmed {
+        state.metrics.batches_published.with_label_values(&["confirmed"]).inc();
+        for kind in &kinds {
+            state.metrics.ops_accepted.with_label_values(&[kind]).inc();
+        }
+    }
+    let mut response = UploadResponse {
+        batch_id,
+        ops: op_count,
+        checkpoint,
+        status: None,
+        reason: None,
+    };
+    match published {
+        Ok(None) => {
             tracing::debug!(trace_id = %trace.trace_id_hex(), "batch accepted");
-            Ok(Json(UploadResponse {
-                batch_id,
-                ops: op_count,
-                checkpoint,
-            }))
+            Ok(Json(response))
+        }
+        Ok(Some(ApplyOutcome::Applied { .. })) => {
+            state.metrics.apply_waits.with_label_values(&["applied"]).inc();
+            response.status = Some("applied");
+            Ok(Json(response))
+        }
+        Ok(Some(ApplyOutcome::DeadLettered { reason, .. })) => {
+            state.metrics.apply_waits.with_label_values(&["dead_lettered"]).inc();
+            tracing::warn!(%reason, "batch dead-lettered while the client waited");
+            response.status = Some("dead_lettered");
+            response.reason = Some(reason);
+            Ok(Json(response))
         }
         Err(e) => {
-            state.metrics.batches_published.with_label_values(&[e.outcome()]).inc();
+            if confirmed {
+                state.metrics.apply_waits.with_label_values(&[e.outcome()]).inc();
+            } else {
+                state.metrics.batches_published.with_label_values(&[e.outcome()]).inc();
+            }
             Err(ApiError::Unavailable {
                 source: e,
                 retry_after: state.config.retry_after,

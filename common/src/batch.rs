@@ -242,7 +242,10 @@ impl Batch {
         let root: Value = serde_json::from_slice(body)
             .map_err(|e| BatchError::new(Malformed, format!("body is not valid JSON: {e}")))?;
         let Value::Object(mut root) = root else {
-            return Err(BatchError::new(Malformed, "body must be a JSON object with a `batch` array"));
+            return Err(BatchError::new(
+                Malformed,
+                "body must be a JSON object with a `batch` array",
+            ));
         };
         let client_id = match root.remove("client_id") {
             None | Some(Value::Null) => None,
@@ -250,7 +253,10 @@ impl Batch {
             Some(Value::String(s)) if s.len() > MAX_CLIENT_ID_BYTES || s.contains('\0') => {
                 return Err(BatchError {
                     field: Some("client_id".into()),
-                    ..BatchError::new(Invalid, format!("must be at most {MAX_CLIENT_ID_BYTES} bytes without NUL"))
+                    ..BatchError::new(
+                        Invalid,
+                        format!("must be at most {MAX_CLIENT_ID_BYTES} bytes without NUL"),
+                    )
                 })
             }
             Some(Value::String(s)) => Some(s),
@@ -333,7 +339,12 @@ fn parse_op(index: usize, raw: Value, limits: &Limits) -> Result<Op, BatchError>
         (Some(t), _) => ("table", t),
         (None, Some(ty)) => ("type", ty),
         (None, None) => {
-            return Err(BatchError::at(Malformed, index, "table", "is required (or `type`, in the SDK form)"))
+            return Err(BatchError::at(
+                Malformed,
+                index,
+                "table",
+                "is required (or `type`, in the SDK form)",
+            ))
         }
     };
     let collection = CollectionName::parse(&name)
@@ -350,8 +361,9 @@ fn parse_op(index: usize, raw: Value, limits: &Limits) -> Result<Op, BatchError>
     }
 
     let id = match raw.remove("id") {
-        Some(Value::String(s)) => DocId::parse(&s, limits.max_id_bytes)
-            .map_err(|e| BatchError::at(Invalid, index, "id", e))?,
+        Some(Value::String(s)) => {
+            DocId::parse(&s, limits.max_id_bytes).map_err(|e| BatchError::at(Invalid, index, "id", e))?
+        }
         Some(Value::Null) | None => return Err(BatchError::at(Invalid, index, "id", "is required")),
         Some(_) => return Err(BatchError::at(Invalid, index, "id", "must be a non-empty string")),
     };
@@ -404,7 +416,12 @@ fn optional_int(index: usize, field: &str, value: Option<Value>) -> Result<Optio
 /// Validates the row's columns. `id` is the row key: it is dropped from the columns when it
 /// repeats the op's id and rejected when it contradicts it; `_id` is MongoDB's key and may not
 /// be set through a column.
-fn parse_row(index: usize, id: &DocId, mut row: Map<String, Value>, limits: &Limits) -> Result<Map<String, Value>, BatchError> {
+fn parse_row(
+    index: usize,
+    id: &DocId,
+    mut row: Map<String, Value>,
+    limits: &Limits,
+) -> Result<Map<String, Value>, BatchError> {
     match row.remove("id") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s == id.as_str() => {}
@@ -431,12 +448,24 @@ fn parse_row(index: usize, id: &DocId, mut row: Map<String, Value>, limits: &Lim
     Ok(row)
 }
 
-fn check_field(index: usize, path: &str, name: &str, value: &Value, depth: usize, limits: &Limits) -> Result<(), BatchError> {
+fn check_field(
+    index: usize,
+    path: &str,
+    name: &str,
+    value: &Value,
+    depth: usize,
+    limits: &Limits,
+) -> Result<(), BatchError> {
     if name.is_empty() {
         return Err(BatchError::at(Invalid, index, path, "field names must not be empty"));
     }
     if name.starts_with('$') {
-        return Err(BatchError::at(Invalid, index, path, "field names must not start with '$'"));
+        return Err(BatchError::at(
+            Invalid,
+            index,
+            path,
+            "field names must not start with '$'",
+        ));
     }
     if name.contains('.') {
         // `$set` would read a dotted name as a path into a sub-document.
@@ -458,16 +487,24 @@ fn check_field(index: usize, path: &str, name: &str, value: &Value, depth: usize
 
 fn check_value(index: usize, path: &str, value: &Value, depth: usize, limits: &Limits) -> Result<(), BatchError> {
     match value {
-        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => {
-            Err(BatchError::at(Invalid, index, path, "integer does not fit in a signed 64-bit integer"))
-        }
+        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => Err(BatchError::at(
+            Invalid,
+            index,
+            path,
+            "integer does not fit in a signed 64-bit integer",
+        )),
         Value::String(s) if s.contains('\0') => {
             // BSON strings may hold NUL, but many drivers and tools mishandle it.
             Err(BatchError::at(Invalid, index, path, "strings must not contain NUL"))
         }
         Value::Object(map) => {
             if depth >= limits.max_depth {
-                return Err(BatchError::at(Invalid, index, path, format!("nested deeper than {} levels", limits.max_depth)));
+                return Err(BatchError::at(
+                    Invalid,
+                    index,
+                    path,
+                    format!("nested deeper than {} levels", limits.max_depth),
+                ));
             }
             for (name, v) in map {
                 check_field(index, &format!("{path}.{name}"), name, v, depth + 1, limits)?;
@@ -476,7 +513,12 @@ fn check_value(index: usize, path: &str, value: &Value, depth: usize, limits: &L
         }
         Value::Array(items) => {
             if depth >= limits.max_depth {
-                return Err(BatchError::at(Invalid, index, path, format!("nested deeper than {} levels", limits.max_depth)));
+                return Err(BatchError::at(
+                    Invalid,
+                    index,
+                    path,
+                    format!("nested deeper than {} levels", limits.max_depth),
+                ));
             }
             for (i, v) in items.iter().enumerate() {
                 check_value(index, &format!("{path}[{i}]"), v, depth + 1, limits)?;
@@ -507,7 +549,10 @@ mod tests {
         assert_eq!(batch.client_id, None);
         assert_eq!(batch.ops.len(), 3);
         assert_eq!(batch.ops[0].op, OpKind::Put);
-        assert_eq!(batch.ops[0].data, Some(json!({"title": "a", "done": 0}).as_object().cloned().expect("object")));
+        assert_eq!(
+            batch.ops[0].data,
+            Some(json!({"title": "a", "done": 0}).as_object().cloned().expect("object"))
+        );
         assert_eq!(batch.ops[2].collection.as_str(), "lists");
         assert_eq!(batch.ops[2].data, None);
         assert_eq!(batch.checkpoint(), None);
@@ -533,24 +578,96 @@ mod tests {
     #[test]
     fn each_bad_op_is_named_with_its_index_and_field() {
         let cases = [
-            (json!({"batch": [{"op": "UPSERT", "table": "t", "id": "1", "data": {}}]}), Invalid, "op"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "data": {}}]}), Invalid, "id"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "", "data": {}}]}), Invalid, "id"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": 5, "data": {}}]}), Invalid, "id"),
-            (json!({"batch": [{"op": "PUT", "id": "1", "data": {}}]}), Malformed, "table"),
-            (json!({"batch": [{"op": "PUT", "table": "system.users", "id": "1", "data": {}}]}), Invalid, "table"),
-            (json!({"batch": [{"op": "PUT", "table": "a$b", "id": "1", "data": {}}]}), Invalid, "table"),
-            (json!({"batch": [{"op": "PUT", "table": "a", "type": "b", "id": "1", "data": {}}]}), Invalid, "type"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"$set": 1}}]}), Invalid, "data.$set"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"a": {"$gt": 1}}}]}), Invalid, "data.a.$gt"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"a.b": 1}}]}), Invalid, "data.a.b"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"_id": "x"}}]}), Invalid, "data._id"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"id": "2"}}]}), Invalid, "data.id"),
-            (json!({"batch": [{"op": "PATCH", "table": "t", "id": "1"}]}), Invalid, "data"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": [1]}]}), Invalid, "data"),
-            (json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"n": 18446744073709551615u64}}]}), Invalid, "data.n"),
-            (json!({"batch": [{"op_id": -1, "op": "PUT", "table": "t", "id": "1", "data": {}}]}), Invalid, "op_id"),
-            (json!({"batch": [{"op_id": "7", "op": "PUT", "table": "t", "id": "1", "data": {}}]}), Malformed, "op_id"),
+            (
+                json!({"batch": [{"op": "UPSERT", "table": "t", "id": "1", "data": {}}]}),
+                Invalid,
+                "op",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "data": {}}]}),
+                Invalid,
+                "id",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "", "data": {}}]}),
+                Invalid,
+                "id",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": 5, "data": {}}]}),
+                Invalid,
+                "id",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "id": "1", "data": {}}]}),
+                Malformed,
+                "table",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "system.users", "id": "1", "data": {}}]}),
+                Invalid,
+                "table",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "a$b", "id": "1", "data": {}}]}),
+                Invalid,
+                "table",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "a", "type": "b", "id": "1", "data": {}}]}),
+                Invalid,
+                "type",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"$set": 1}}]}),
+                Invalid,
+                "data.$set",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"a": {"$gt": 1}}}]}),
+                Invalid,
+                "data.a.$gt",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"a.b": 1}}]}),
+                Invalid,
+                "data.a.b",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"_id": "x"}}]}),
+                Invalid,
+                "data._id",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"id": "2"}}]}),
+                Invalid,
+                "data.id",
+            ),
+            (
+                json!({"batch": [{"op": "PATCH", "table": "t", "id": "1"}]}),
+                Invalid,
+                "data",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": [1]}]}),
+                Invalid,
+                "data",
+            ),
+            (
+                json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"n": 18446744073709551615u64}}]}),
+                Invalid,
+                "data.n",
+            ),
+            (
+                json!({"batch": [{"op_id": -1, "op": "PUT", "table": "t", "id": "1", "data": {}}]}),
+                Invalid,
+                "op_id",
+            ),
+            (
+                json!({"batch": [{"op_id": "7", "op": "PUT", "table": "t", "id": "1", "data": {}}]}),
+                Malformed,
+                "op_id",
+            ),
         ];
         for (body, kind, field) in cases {
             let err = rejected(body.clone());
@@ -573,7 +690,14 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_400_class() {
-        for body in [&b"not json"[..], b"[]", b"{}", b"{\"batch\": {}}", b"{\"batch\": [1]}", b"{\"batch\": [], \"client_id\": 5}"] {
+        for body in [
+            &b"not json"[..],
+            b"[]",
+            b"{}",
+            b"{\"batch\": {}}",
+            b"{\"batch\": [1]}",
+            b"{\"batch\": [], \"client_id\": 5}",
+        ] {
             let err = Batch::parse(body, &Limits::default()).expect_err("malformed");
             assert_eq!(err.kind, Malformed, "{}: {err}", String::from_utf8_lossy(body));
         }
@@ -581,17 +705,30 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        let limits = Limits { max_ops: 2, max_depth: 3, max_id_bytes: 4, ..Limits::default() };
+        let limits = Limits {
+            max_ops: 2,
+            max_depth: 3,
+            max_id_bytes: 4,
+            ..Limits::default()
+        };
         let op = json!({"op": "DELETE", "table": "t", "id": "1"});
         let err = Batch::parse(json!({"batch": [op, op, op]}).to_string().as_bytes(), &limits).expect_err("too many");
         assert_eq!(err.kind, TooLarge);
-        let err = Batch::parse(json!({"batch": [{"op": "DELETE", "table": "t", "id": "12345"}]}).to_string().as_bytes(), &limits)
-            .expect_err("long id");
+        let err = Batch::parse(
+            json!({"batch": [{"op": "DELETE", "table": "t", "id": "12345"}]})
+                .to_string()
+                .as_bytes(),
+            &limits,
+        )
+        .expect_err("long id");
         assert_eq!(err.field.as_deref(), Some("id"));
         let deep = json!({"batch": [{"op": "PUT", "table": "t", "id": "1", "data": {"a": {"b": {"c": {"d": 1}}}}}]});
         let err = Batch::parse(deep.to_string().as_bytes(), &limits).expect_err("too deep");
         assert_eq!(err.field.as_deref(), Some("data.a.b.c"));
-        let small = Limits { max_body_bytes: 10, ..Limits::default() };
+        let small = Limits {
+            max_body_bytes: 10,
+            ..Limits::default()
+        };
         assert_eq!(Batch::parse(&[b' '; 11], &small).expect_err("big").kind, TooLarge);
     }
 

@@ -107,11 +107,7 @@ impl Env {
     }
 
     /// A duration given in (possibly fractional) seconds.
-    pub fn seconds_or(
-        &self,
-        key: &str,
-        default: std::time::Duration,
-    ) -> Result<std::time::Duration, ConfigError> {
+    pub fn seconds_or(&self, key: &str, default: std::time::Duration) -> Result<std::time::Duration, ConfigError> {
         match self.get(key) {
             None => Ok(default),
             Some(raw) => {
@@ -120,7 +116,10 @@ impl Env {
                     .parse()
                     .map_err(|e| ConfigError::new(key, format!("cannot parse {raw:?} as seconds: {e}")))?;
                 if !secs.is_finite() || secs < 0.0 {
-                    return Err(ConfigError::new(key, format!("{raw:?} is not a non-negative number of seconds")));
+                    return Err(ConfigError::new(
+                        key,
+                        format!("{raw:?} is not a non-negative number of seconds"),
+                    ));
                 }
                 Ok(std::time::Duration::from_secs_f64(secs))
             }

@@ -45,6 +45,27 @@ pub struct UploadBatch {
     pub ops: Vec<Op>,
 }
 
+/// What a worker tells an api waiting in acknowledge-on-apply mode (sent with RabbitMQ direct
+/// reply-to, `correlation_id` = batch id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ApplyOutcome {
+    /// The batch committed; its documents are readable.
+    Applied {
+        batch_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<i64>,
+    },
+    /// The batch cannot apply and went to the dead-letter queue.
+    DeadLettered {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batch_id: Option<String>,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+}
+
 impl Envelope {
     pub fn to_vec(&self) -> Vec<u8> {
         // Serialising plain data with string keys cannot fail.

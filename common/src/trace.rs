@@ -20,7 +20,11 @@ impl TraceParent {
         let mut parent_id = [0u8; 8];
         rng.fill_bytes(&mut trace_id);
         rng.fill_bytes(&mut parent_id);
-        Self { trace_id, parent_id, flags: 1 }
+        Self {
+            trace_id,
+            parent_id,
+            flags: 1,
+        }
     }
 
     /// A child of this context: same trace, new span id.
@@ -49,7 +53,11 @@ impl TraceParent {
         if trace_id == [0; 16] || parent_id == [0; 8] {
             return None;
         }
-        Some(Self { trace_id, parent_id, flags: f[0] })
+        Some(Self {
+            trace_id,
+            parent_id,
+            flags: f[0],
+        })
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -59,7 +67,13 @@ impl TraceParent {
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.parent_id), self.flags)
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.parent_id),
+            self.flags
+        )
     }
 }
 

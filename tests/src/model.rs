@@ -15,7 +15,11 @@ impl Model {
     /// Applies one op given in the seed or SDK spelling.
     pub fn apply(&mut self, op: &Value) {
         let kind = op["op"].as_str().expect("op");
-        let table = op.get("table").or_else(|| op.get("type")).and_then(Value::as_str).expect("table");
+        let table = op
+            .get("table")
+            .or_else(|| op.get("type"))
+            .and_then(Value::as_str)
+            .expect("table");
         let id = op["id"].as_str().expect("id").to_owned();
         let key = (table.to_owned(), id.clone());
         let mut data = op.get("data").and_then(Value::as_object).cloned().unwrap_or_default();

@@ -14,7 +14,11 @@ pub fn binary(name: &str) -> PathBuf {
         dir.pop();
     }
     let path = dir.join(name);
-    assert!(path.exists(), "{} is not built; run `cargo build --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --bins` first",
+        path.display()
+    );
     path
 }
 
@@ -50,7 +54,10 @@ impl WorkerProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("uplink-worker starts");
-        Self { id: id.to_owned(), child }
+        Self {
+            id: id.to_owned(),
+            child,
+        }
     }
 
     /// SIGKILL: no graceful shutdown, no acks for the batches in hand.

@@ -31,13 +31,17 @@ impl Proxy {
         let rx = Arc::new(rx);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { break };
+                let Ok((client, _)) = listener.accept().await else {
+                    break;
+                };
                 let rx = (*rx).clone();
                 tokio::spawn(async move {
                     if *rx.borrow() == Mode::Cut {
                         return; // dropping the socket closes it
                     }
-                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     pipe(client, server, rx).await;
                 });
             }
@@ -83,7 +87,11 @@ async fn pipe(client: TcpStream, server: TcpStream, rx: watch::Receiver<Mode>) {
 
 /// Copies bytes one way, honouring the mode: stalls (holding the bytes) while stalled, and
 /// closes as soon as the proxy is cut.
-async fn copy(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mut rx: watch::Receiver<Mode>) {
+async fn copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: watch::Receiver<Mode>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         if !wait_until_forwarding(&mut rx).await {

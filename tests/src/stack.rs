@@ -83,7 +83,9 @@ pub fn amqp_uri_via(addr: Option<SocketAddr>) -> String {
     match addr {
         None => base,
         Some(addr) => {
-            let (scheme_auth, rest) = base.split_once('@').unwrap_or(("amqp://guest:guest", "127.0.0.1:5672/%2f"));
+            let (scheme_auth, rest) = base
+                .split_once('@')
+                .unwrap_or(("amqp://guest:guest", "127.0.0.1:5672/%2f"));
             let path = rest.split_once('/').map(|(_, p)| p).unwrap_or("%2f");
             format!("{scheme_auth}@{addr}/{path}")
         }
@@ -119,21 +121,27 @@ pub fn amqp_socket() -> SocketAddr {
     let base = crate::amqp_uri();
     let host = base.split_once('@').map(|(_, r)| r).unwrap_or("127.0.0.1:5672/");
     let hostport = host.split('/').next().unwrap_or("127.0.0.1:5672");
-    hostport.parse().expect("AMQP host:port must be an IP socket address in tests")
+    hostport
+        .parse()
+        .expect("AMQP host:port must be an IP socket address in tests")
 }
 
 pub fn mongo_socket() -> SocketAddr {
     let base = crate::mongo_base_uri();
     let rest = base.trim_start_matches("mongodb://");
     let hostport = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:27017");
-    hostport.parse().expect("MongoDB host:port must be an IP socket address in tests")
+    hostport
+        .parse()
+        .expect("MongoDB host:port must be an IP socket address in tests")
 }
 
 impl Stack {
     pub async fn start(opts: StackOptions) -> Stack {
         crate::init_logging();
         let name = crate::unique_name("e2e");
-        let client = mongodb::Client::with_uri_str(mongo_uri(&name, None)).await.expect("mongo client");
+        let client = mongodb::Client::with_uri_str(mongo_uri(&name, None))
+            .await
+            .expect("mongo client");
         let db = client.database(&name);
         let mut env = Env::from_map([
             ("POWERSYNC_URL", POWERSYNC_URL.to_owned()),
@@ -151,18 +159,26 @@ impl Stack {
         }
         let config = ApiConfig::from_env(&env).expect("api config");
         let cancel = CancellationToken::new();
-        let app = uplink_api::Application::build(config, cancel.clone()).await.expect("api builds");
+        let app = uplink_api::Application::build(config, cancel.clone())
+            .await
+            .expect("api builds");
         let api_url = format!("http://127.0.0.1:{}", app.port());
         let api_metrics = app.state().metrics.clone();
         if opts.api_amqp_via.is_none() {
-            assert!(app.wait_ready(Duration::from_secs(20)).await, "api did not connect to the broker");
+            assert!(
+                app.wait_ready(Duration::from_secs(20)).await,
+                "api did not connect to the broker"
+            );
         }
         let task = tokio::spawn(async move { app.run_until_stopped().await.map_err(anyhow::Error::from) });
         let mut stack = Stack {
             name,
             opts: opts.clone(),
             api_url,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
             db,
             api_metrics,
             api: Some(Running { cancel, task }),
@@ -195,11 +211,17 @@ impl Stack {
     pub async fn start_worker(&mut self) -> usize {
         let index = self.workers.len();
         let cancel = CancellationToken::new();
-        let worker = uplink_worker::Worker::build(self.worker_config(index), cancel.clone()).await.expect("worker builds");
+        let worker = uplink_worker::Worker::build(self.worker_config(index), cancel.clone())
+            .await
+            .expect("worker builds");
         let admin_url = format!("http://127.0.0.1:{}", worker.admin_port());
         let metrics = worker.metrics();
         let task = tokio::spawn(worker.run_until_stopped());
-        self.workers.push(WorkerHandle { running: Some(Running { cancel, task }), admin_url, metrics });
+        self.workers.push(WorkerHandle {
+            running: Some(Running { cancel, task }),
+            admin_url,
+            metrics,
+        });
         index
     }
 
@@ -254,7 +276,12 @@ impl Stack {
     /// A collection's documents as `_id -> fields` (relaxed extended JSON, `_id` removed).
     pub async fn docs(&self, collection: &str) -> BTreeMap<String, Map<String, Value>> {
         use futures::TryStreamExt;
-        let cursor = self.db.collection::<Document>(collection).find(Document::new()).await.expect("find");
+        let cursor = self
+            .db
+            .collection::<Document>(collection)
+            .find(Document::new())
+            .await
+            .expect("find");
         let docs: Vec<Document> = cursor.try_collect().await.expect("read docs");
         docs.into_iter()
             .map(|mut d| {
@@ -275,9 +302,14 @@ impl Stack {
     /// to deliver the very same message twice, as the broker does after a worker crash).
     pub async fn publish_raw(&self, batch: &uplink_common::UploadBatch) {
         use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests").await.expect("amqp");
+        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
+            .await
+            .expect("amqp");
         let channel = connection.create_channel().await.expect("channel");
-        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
         let body = uplink_common::Envelope::V1(batch.clone()).to_vec();
         let properties = lapin::BasicProperties::default()
             .with_delivery_mode(2)
@@ -287,7 +319,10 @@ impl Stack {
             .basic_publish(
                 format!("{}.uploads", self.name).as_str().into(),
                 batch.partition.to_string().as_str().into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &body,
                 properties,
             )
@@ -295,7 +330,10 @@ impl Stack {
             .expect("publish")
             .await
             .expect("confirm");
-        assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "broker took the message");
+        assert!(
+            matches!(confirm, lapin::Confirmation::Ack(None)),
+            "broker took the message"
+        );
         let _ = connection.close(200, "done".into()).await;
     }
 
@@ -303,11 +341,16 @@ impl Stack {
     /// acknowledging; closing the channel returns them).
     pub async fn dead_letters(&self) -> Vec<(BTreeMap<String, String>, Value)> {
         use lapin::options::BasicGetOptions;
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests").await.expect("amqp");
+        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
+            .await
+            .expect("amqp");
         let channel = connection.create_channel().await.expect("channel");
         let mut out = Vec::new();
         while let Some(message) = channel
-            .basic_get(format!("{}.dead", self.name).as_str().into(), BasicGetOptions::default())
+            .basic_get(
+                format!("{}.dead", self.name).as_str().into(),
+                BasicGetOptions::default(),
+            )
             .await
             .expect("basic.get")
         {
@@ -355,14 +398,19 @@ impl Stack {
 
     /// Ready-message counts of the partition queues.
     pub async fn queue_depths(&self) -> Vec<u32> {
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests").await.expect("amqp");
+        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
+            .await
+            .expect("amqp");
         let channel = connection.create_channel().await.expect("channel");
         let mut depths = Vec::new();
         for i in 0..self.opts.partitions {
             let q = channel
                 .queue_declare(
                     format!("{}.uploads.{i}", self.name).as_str().into(),
-                    QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
                     FieldTable::default(),
                 )
                 .await
@@ -375,12 +423,17 @@ impl Stack {
 
     /// Ready-message count of the dead-letter queue.
     pub async fn dead_letter_depth(&self) -> u32 {
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests").await.expect("amqp");
+        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
+            .await
+            .expect("amqp");
         let channel = connection.create_channel().await.expect("channel");
         let q = channel
             .queue_declare(
                 format!("{}.dead", self.name).as_str().into(),
-                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -411,15 +464,26 @@ pub async fn delete_topology(prefix: &str, partitions: u16) {
     if let Ok(channel) = connection.create_channel().await {
         for i in 0..partitions {
             let _ = channel
-                .queue_delete(format!("{prefix}.uploads.{i}").as_str().into(), QueueDeleteOptions::default())
+                .queue_delete(
+                    format!("{prefix}.uploads.{i}").as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
                 .await;
         }
-        let _ = channel.queue_delete(format!("{prefix}.dead").as_str().into(), QueueDeleteOptions::default()).await;
         let _ = channel
-            .exchange_delete(format!("{prefix}.uploads").as_str().into(), ExchangeDeleteOptions::default())
+            .queue_delete(format!("{prefix}.dead").as_str().into(), QueueDeleteOptions::default())
             .await;
         let _ = channel
-            .exchange_delete(format!("{prefix}.dead").as_str().into(), ExchangeDeleteOptions::default())
+            .exchange_delete(
+                format!("{prefix}.uploads").as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = channel
+            .exchange_delete(
+                format!("{prefix}.dead").as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await;
     }
     let _ = connection.close(200, "cleanup".into()).await;

@@ -25,7 +25,11 @@ async fn upload_timed(stack: &Stack, token: &str, id: &str) -> (StatusCode, Opti
         .send()
         .await
         .expect("request");
-    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     (response.status(), retry_after, started.elapsed())
 }
 
@@ -33,7 +37,12 @@ async fn upload_timed(stack: &Stack, token: &str, id: &str) -> (StatusCode, Opti
 async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
     // Arrange: the api reaches the broker through a proxy the test controls.
     let proxy = Proxy::start(amqp_socket()).await;
-    let stack = Stack::start(StackOptions { workers: 1, api_amqp_via: Some(proxy.addr()), ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 1,
+        api_amqp_via: Some(proxy.addr()),
+        ..StackOptions::default()
+    })
+    .await;
     let token = stack.token("grace").await;
     let mut accepted = Vec::new();
     eventually(Duration::from_secs(20), "api connected through the proxy", || async {
@@ -50,17 +59,29 @@ async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
         let (status, retry_after, elapsed) = upload_timed(&stack, &token, &id).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{id}");
         assert_eq!(retry_after.as_deref(), Some("1"), "{id}: Retry-After");
-        assert!(elapsed < CONFIRM_TIMEOUT + Duration::from_secs(3), "{id}: answered after {elapsed:?}");
+        assert!(
+            elapsed < CONFIRM_TIMEOUT + Duration::from_secs(3),
+            "{id}: answered after {elapsed:?}"
+        );
     }
-    let readyz = stack.http.get(format!("{}/readyz", stack.api_url)).send().await.expect("readyz");
+    let readyz = stack
+        .http
+        .get(format!("{}/readyz", stack.api_url))
+        .send()
+        .await
+        .expect("readyz");
     assert_eq!(readyz.status(), StatusCode::SERVICE_UNAVAILABLE);
 
     // Act + Assert 2: the broker comes back; the api reconnects by itself.
     proxy.restore();
-    eventually(Duration::from_secs(30), "uploads accepted again after the broker returned", || async {
-        let (status, _, _) = upload_timed(&stack, &token, "after-cut").await;
-        (status == StatusCode::OK).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "uploads accepted again after the broker returned",
+        || async {
+            let (status, _, _) = upload_timed(&stack, &token, "after-cut").await;
+            (status == StatusCode::OK).then_some(())
+        },
+    )
     .await;
     accepted.push("after-cut".to_owned());
 
@@ -71,12 +92,19 @@ async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(retry_after.is_some());
     assert!(elapsed >= CONFIRM_TIMEOUT, "waited for the confirm: {elapsed:?}");
-    assert!(elapsed < CONFIRM_TIMEOUT + Duration::from_secs(3), "answered after {elapsed:?}");
+    assert!(
+        elapsed < CONFIRM_TIMEOUT + Duration::from_secs(3),
+        "answered after {elapsed:?}"
+    );
     proxy.restore();
-    eventually(Duration::from_secs(30), "uploads accepted again after the stall", || async {
-        let (status, _, _) = upload_timed(&stack, &token, "after-stall").await;
-        (status == StatusCode::OK).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "uploads accepted again after the stall",
+        || async {
+            let (status, _, _) = upload_timed(&stack, &token, "after-stall").await;
+            (status == StatusCode::OK).then_some(())
+        },
+    )
     .await;
     accepted.push("after-stall".to_owned());
 
@@ -88,8 +116,16 @@ async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
         accepted.iter().all(|id| docs.contains_key(id)).then_some(())
     })
     .await;
-    let unavailable = stack.api_metrics.batches_published.with_label_values(&["unavailable"]).get()
-        + stack.api_metrics.batches_published.with_label_values(&["timeout"]).get()
+    let unavailable = stack
+        .api_metrics
+        .batches_published
+        .with_label_values(&["unavailable"])
+        .get()
+        + stack
+            .api_metrics
+            .batches_published
+            .with_label_values(&["timeout"])
+            .get()
         + stack.api_metrics.batches_published.with_label_values(&["error"]).get();
     assert!(unavailable >= 4, "failed publishes are counted: {unavailable}");
     stack.finish().await;

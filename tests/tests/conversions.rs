@@ -42,18 +42,29 @@ async fn each_conversion_stores_its_bson_type_and_a_failure_is_dead_lettered_wit
 
     // Act: a convertible row, then a row whose date does not parse, then a later batch.
     stack
-        .upload_ok(&token, &json!({"batch": [{"op": "PUT", "table": "orders", "id": order_id, "data": {
-            "placed_at": "2024-05-01 10:20:30", "paid": 1, "items": "[{\"sku\":\"a\",\"qty\":2}]",
-            "customer_id": "65f0c0ffee00000000001234", "total": "19.99", "note": "as sent"
-        }}]}))
+        .upload_ok(
+            &token,
+            &json!({"batch": [{"op": "PUT", "table": "orders", "id": order_id, "data": {
+                "placed_at": "2024-05-01 10:20:30", "paid": 1, "items": "[{\"sku\":\"a\",\"qty\":2}]",
+                "customer_id": "65f0c0ffee00000000001234", "total": "19.99", "note": "as sent"
+            }}]}),
+        )
         .await;
     stack
-        .upload_ok(&token, &json!({"batch": [
-            {"op": "PUT", "table": "other", "id": "fine", "data": {"x": 1}},
-            {"op": "PATCH", "table": "orders", "id": order_id, "data": {"placed_at": "last tuesday"}},
-        ]}))
+        .upload_ok(
+            &token,
+            &json!({"batch": [
+                {"op": "PUT", "table": "other", "id": "fine", "data": {"x": 1}},
+                {"op": "PATCH", "table": "orders", "id": order_id, "data": {"placed_at": "last tuesday"}},
+            ]}),
+        )
         .await;
-    stack.upload_ok(&token, &json!({"batch": [{"op": "PATCH", "table": "orders", "id": order_id, "data": {"paid": 0}}]})).await;
+    stack
+        .upload_ok(
+            &token,
+            &json!({"batch": [{"op": "PATCH", "table": "orders", "id": order_id, "data": {"paid": 0}}]}),
+        )
+        .await;
 
     // Assert: types as configured.
     let coll = stack.db.collection::<Document>("orders");
@@ -62,11 +73,23 @@ async fn each_conversion_stores_its_bson_type_and_a_failure_is_dead_lettered_wit
         (d.get("paid") == Some(&Bson::Boolean(false))).then_some(d)
     })
     .await;
-    assert!(matches!(stored.get("_id"), Some(Bson::ObjectId(oid)) if oid.to_hex() == order_id), "{stored}");
-    assert!(matches!(stored.get("placed_at"), Some(Bson::DateTime(d)) if d.timestamp_millis() == 1_714_558_830_000), "{stored}");
-    assert!(matches!(stored.get("items"), Some(Bson::Array(a)) if a.len() == 1 && matches!(&a[0], Bson::Document(_))), "{stored}");
+    assert!(
+        matches!(stored.get("_id"), Some(Bson::ObjectId(oid)) if oid.to_hex() == order_id),
+        "{stored}"
+    );
+    assert!(
+        matches!(stored.get("placed_at"), Some(Bson::DateTime(d)) if d.timestamp_millis() == 1_714_558_830_000),
+        "{stored}"
+    );
+    assert!(
+        matches!(stored.get("items"), Some(Bson::Array(a)) if a.len() == 1 && matches!(&a[0], Bson::Document(_))),
+        "{stored}"
+    );
     assert!(matches!(stored.get("customer_id"), Some(Bson::ObjectId(_))), "{stored}");
-    assert!(matches!(stored.get("total"), Some(Bson::Decimal128(d)) if d.to_string() == "19.99"), "{stored}");
+    assert!(
+        matches!(stored.get("total"), Some(Bson::Decimal128(d)) if d.to_string() == "19.99"),
+        "{stored}"
+    );
     assert_eq!(stored.get("note"), Some(&Bson::String("as sent".into())));
 
     // The bad batch is in the dead-letter queue with its reason, op index and field.
@@ -85,9 +108,15 @@ async fn each_conversion_stores_its_bson_type_and_a_failure_is_dead_lettered_wit
     assert_eq!(headers["x-uplink-attempts"], "1");
     assert_eq!(body["user_id"], "kim");
     assert_eq!(body["ops"].as_array().map(Vec::len), Some(2), "the whole batch is kept");
-    assert_eq!(stack.workers_sum(|m| m.dead_lettered.with_label_values(&["permanent"]).get()), 1);
+    assert_eq!(
+        stack.workers_sum(|m| m.dead_lettered.with_label_values(&["permanent"]).get()),
+        1
+    );
     // Values are converted before anything is written, so nothing of the failed batch is.
-    assert!(stack.docs("other").await.is_empty(), "a failed batch leaves nothing half-applied");
+    assert!(
+        stack.docs("other").await.is_empty(),
+        "a failed batch leaves nothing half-applied"
+    );
     stack.finish().await;
     let _ = std::fs::remove_file(path);
 }

@@ -29,7 +29,9 @@ fn plan(users: usize, batches: usize) -> (Vec<Vec<Value>>, Model, Checkpoints) {
                     op_id += 1;
                     let id = format!("u{user}-{}", rng.gen_range(0..3));
                     match rng.gen_range(0..10) {
-                        0..=5 => json!({"op_id": op_id, "op": "PUT", "type": "rows", "id": id, "data": {"b": b, "i": i}}),
+                        0..=5 => {
+                            json!({"op_id": op_id, "op": "PUT", "type": "rows", "id": id, "data": {"b": b, "i": i}})
+                        }
                         6..=8 => json!({"op_id": op_id, "op": "PATCH", "type": "rows", "id": id, "data": {"p": b}}),
                         _ => json!({"op_id": op_id, "op": "DELETE", "type": "rows", "id": id}),
                     }
@@ -67,7 +69,12 @@ async fn assert_in_order_state(stack: &Stack, model: &Model, checkpoints: &Check
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_stream_and_restarted_loses_and_repeats_nothing() {
     // Arrange: one worker process, uploads running.
-    let stack = Stack::start(StackOptions { workers: 0, partitions: 4, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        partitions: 4,
+        ..StackOptions::default()
+    })
+    .await;
     let (bodies, model, checkpoints) = plan(40, 25);
     let mut worker = Some(WorkerProcess::spawn(&stack, "a", &[]));
 
@@ -93,7 +100,12 @@ async fn a_worker_killed_mid_stream_and_restarted_loses_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_active_worker_repeatedly_keeps_every_user_in_order() {
     // Arrange: two, then three worker processes; 100 users × 30 batches.
-    let stack = Stack::start(StackOptions { workers: 0, partitions: 4, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        partitions: 4,
+        ..StackOptions::default()
+    })
+    .await;
     let (bodies, model, checkpoints) = plan(100, 30);
     let mut workers = std::collections::VecDeque::new();
     workers.push_back(WorkerProcess::spawn(&stack, "w0", &[]));
@@ -122,7 +134,12 @@ async fn killing_the_active_worker_repeatedly_keeps_every_user_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_batch_in_hand_and_exits_cleanly() {
-    let stack = Stack::start(StackOptions { workers: 0, partitions: 2, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        partitions: 2,
+        ..StackOptions::default()
+    })
+    .await;
     let (bodies, model, checkpoints) = plan(10, 10);
     let worker = WorkerProcess::spawn(&stack, "graceful", &[]);
     upload_all(&stack, bodies).await;

@@ -30,13 +30,22 @@ fn service_for(vars: &[(String, String)]) -> TokenService {
     env.set("POWERSYNC_URL", "https://ps.example");
     env.set("UPLINK_DEV", "1");
     let cfg = ApiConfig::from_env(&env).expect("keys load");
-    TokenService::new(cfg.keys.clone(), cfg.powersync_url.clone(), None, cfg.token_lifetime, cfg.clock_leeway)
+    TokenService::new(
+        cfg.keys.clone(),
+        cfg.powersync_url.clone(),
+        None,
+        cfg.token_lifetime,
+        cfg.clock_leeway,
+    )
 }
 
 #[test]
 fn keys_from_keys_generate_round_trip() {
     // Arrange: run the real command.
-    let output = Command::new(binary("uplink-api")).args(["keys", "generate"]).output().expect("uplink-api runs");
+    let output = Command::new(binary("uplink-api"))
+        .args(["keys", "generate"])
+        .output()
+        .expect("uplink-api runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let vars = env_lines(&String::from_utf8(output.stdout).expect("utf-8"));
     let names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
@@ -52,10 +61,14 @@ fn keys_from_keys_generate_round_trip() {
     let jwk = public.jwk();
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let key = RS256PublicKey::from_components(&b64.decode(jwk.n).expect("n"), &b64.decode(jwk.e).expect("e")).expect("key");
+    let key =
+        RS256PublicKey::from_components(&b64.decode(jwk.n).expect("n"), &b64.decode(jwk.e).expect("e")).expect("key");
     let claims = key.verify_token::<NoCustomClaims>(&token, None).expect("verifies");
     assert_eq!(claims.subject.as_deref(), Some("user-1"));
-    assert_eq!(Token::decode_metadata(&token).expect("jwt").key_id(), Some(public.kid.as_str()));
+    assert_eq!(
+        Token::decode_metadata(&token).expect("jwt").key_id(),
+        Some(public.kid.as_str())
+    );
 }
 
 #[test]
@@ -89,9 +102,16 @@ fn a_key_generated_by_uplink_loads_in_node() {
         if (!ok || header.kid !== pub.kid || priv.kid !== pub.kid || pub.alg !== 'RS256') process.exit(1);
         console.log('ok');
     "#;
-    let output = match Command::new("node").args(["-e", script, &key.private_env_value(), &key.public_env_value(), &token]).output() {
+    let output = match Command::new("node")
+        .args(["-e", script, &key.private_env_value(), &key.public_env_value(), &token])
+        .output()
+    {
         Ok(o) => o,
         Err(e) => panic!("node is required for this test: {e}"),
     };
-    assert!(output.status.success(), "node refused the key or token: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "node refused the key or token: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -36,7 +36,11 @@ async fn steady_stream(stack: &Stack, bodies: Vec<Vec<Value>>, pause: Duration) 
         let token = stack.token(&format!("user-{u}")).await;
         for body in batches {
             let (status, reply) = stack.upload(&token, &body).await;
-            assert_eq!(status, StatusCode::OK, "no 5xx while a dependency behind the queue is down: {reply}");
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "no 5xx while a dependency behind the queue is down: {reply}"
+            );
             tokio::time::sleep(pause).await;
         }
     });
@@ -56,7 +60,13 @@ async fn assert_model(stack: &Stack, model: &Model, timeout: Duration) {
 async fn mongodb_unreachable_for_ten_seconds_loses_nothing_and_keeps_order() {
     // Arrange: workers reach MongoDB through a proxy.
     let proxy = Proxy::start(mongo_socket()).await;
-    let stack = Stack::start(StackOptions { workers: 2, partitions: 4, mongo_via: Some(proxy.addr()), ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 2,
+        partitions: 4,
+        mongo_via: Some(proxy.addr()),
+        ..StackOptions::default()
+    })
+    .await;
     let (bodies, model) = plan(20, 40);
 
     // Act: cut MongoDB for 10 s in the middle of a steady upload stream.
@@ -71,7 +81,10 @@ async fn mongodb_unreachable_for_ten_seconds_loses_nothing_and_keeps_order() {
             (status == StatusCode::SERVICE_UNAVAILABLE && body["checks"]["mongodb"] == "down").then_some(body)
         })
         .await;
-        assert_eq!(ready["checks"]["broker"], "up", "each dependency is reported separately");
+        assert_eq!(
+            ready["checks"]["broker"], "up",
+            "each dependency is reported separately"
+        );
         tokio::time::sleep(Duration::from_secs(8)).await;
         proxy.restore();
     };
@@ -79,8 +92,15 @@ async fn mongodb_unreachable_for_ten_seconds_loses_nothing_and_keeps_order() {
 
     // Assert
     assert_model(&stack, &model, Duration::from_secs(120)).await;
-    assert!(stack.workers_sum(|m| m.apply_retries.with_label_values(&["transient"]).get()) > 0, "the outage was retried");
-    assert_eq!(stack.dead_letter_depth().await, 0, "nothing dead-lettered for an outage");
+    assert!(
+        stack.workers_sum(|m| m.apply_retries.with_label_values(&["transient"]).get()) > 0,
+        "the outage was retried"
+    );
+    assert_eq!(
+        stack.dead_letter_depth().await,
+        0,
+        "nothing dead-lettered for an outage"
+    );
     stack.finish().await;
 }
 
@@ -88,8 +108,13 @@ async fn mongodb_unreachable_for_ten_seconds_loses_nothing_and_keeps_order() {
 async fn workers_reconnect_to_the_broker_by_themselves_and_drain_the_backlog() {
     // Arrange: workers reach the broker through a proxy; the api does not.
     let proxy = Proxy::start(amqp_socket()).await;
-    let stack =
-        Stack::start(StackOptions { workers: 2, partitions: 4, worker_amqp_via: Some(proxy.addr()), ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 2,
+        partitions: 4,
+        worker_amqp_via: Some(proxy.addr()),
+        ..StackOptions::default()
+    })
+    .await;
     let (bodies, model) = plan(10, 30);
 
     // Act
@@ -97,7 +122,10 @@ async fn workers_reconnect_to_the_broker_by_themselves_and_drain_the_backlog() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         proxy.cut();
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(stack.queue_depths().await.iter().sum::<u32>() > 0, "the queue absorbs uploads meanwhile");
+        assert!(
+            stack.queue_depths().await.iter().sum::<u32>() > 0,
+            "the queue absorbs uploads meanwhile"
+        );
         proxy.restore();
     };
     tokio::join!(steady_stream(&stack, bodies, Duration::from_millis(200)), outage);
@@ -122,8 +150,18 @@ async fn a_batch_that_makes_the_worker_panic_is_dead_lettered_by_the_delivery_li
     let token = stack.token("lee").await;
 
     // Act
-    stack.upload_ok(&token, &json!({"batch": [{"op": "PUT", "table": "boom", "id": "1", "data": {}}]})).await;
-    stack.upload_ok(&token, &json!({"batch": [{"op": "PUT", "table": "after", "id": "1", "data": {"ok": true}}]})).await;
+    stack
+        .upload_ok(
+            &token,
+            &json!({"batch": [{"op": "PUT", "table": "boom", "id": "1", "data": {}}]}),
+        )
+        .await;
+    stack
+        .upload_ok(
+            &token,
+            &json!({"batch": [{"op": "PUT", "table": "after", "id": "1", "data": {"ok": true}}]}),
+        )
+        .await;
 
     // Assert: the partition moves on once the broker gives up on the poisonous batch.
     eventually(Duration::from_secs(60), "the next batch applied", || async {
@@ -143,7 +181,12 @@ async fn a_batch_that_makes_the_worker_panic_is_dead_lettered_by_the_delivery_li
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_is_dead_lettered_recorded_for_the_user_and_the_partition_keeps_flowing() {
     // Arrange: a collection validator the first batch breaks.
-    let stack = Stack::start(StackOptions { workers: 1, partitions: 1, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 1,
+        partitions: 1,
+        ..StackOptions::default()
+    })
+    .await;
     stack
         .db
         .create_collection("strict")
@@ -154,23 +197,39 @@ async fn a_permanent_error_is_dead_lettered_recorded_for_the_user_and_the_partit
 
     // Act
     stack
-        .upload_ok(&token, &json!({"client_id": "phone", "batch": [
-            {"op_id": 1, "op": "PUT", "type": "strict", "id": "s1", "data": {"name": "ok"}},
-            {"op_id": 2, "op": "PUT", "type": "strict", "id": "s2", "data": {"nameless": true}},
-        ]}))
+        .upload_ok(
+            &token,
+            &json!({"client_id": "phone", "batch": [
+                {"op_id": 1, "op": "PUT", "type": "strict", "id": "s1", "data": {"name": "ok"}},
+                {"op_id": 2, "op": "PUT", "type": "strict", "id": "s2", "data": {"nameless": true}},
+            ]}),
+        )
         .await;
-    stack.upload_ok(&token, &json!({"client_id": "phone", "batch": [{"op_id": 3, "op": "PUT", "type": "free", "id": "f", "data": {}}]})).await;
+    stack
+        .upload_ok(
+            &token,
+            &json!({"client_id": "phone", "batch": [{"op_id": 3, "op": "PUT", "type": "free", "id": "f", "data": {}}]}),
+        )
+        .await;
 
     // Assert
-    eventually(Duration::from_secs(60), "the next batch applied", || async { (!stack.docs("free").await.is_empty()).then_some(()) })
-        .await;
-    assert!(stack.docs("strict").await.is_empty(), "the failed batch committed nothing");
+    eventually(Duration::from_secs(60), "the next batch applied", || async {
+        (!stack.docs("free").await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        stack.docs("strict").await.is_empty(),
+        "the failed batch committed nothing"
+    );
     let dead = stack.dead_letters().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].0["x-uplink-error-code"], "121");
     assert_eq!(dead[0].0["x-uplink-op-index"], "1");
     let errors = stack.docs("upload_errors").await;
-    let record = errors.values().next().expect("the rejection is recorded for the user's devices");
+    let record = errors
+        .values()
+        .next()
+        .expect("the rejection is recorded for the user's devices");
     assert_eq!(record["user_id"], "mia");
     assert_eq!(record["client_id"], "phone");
     assert_eq!(record["document_id"], "s2");

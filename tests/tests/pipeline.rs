@@ -14,7 +14,11 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_from_token_verifies_against_jwks_with_an_independent_library() {
     // Arrange
-    let stack = Stack::start(StackOptions { workers: 0, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        ..StackOptions::default()
+    })
+    .await;
 
     // Act
     let token_reply: Value = stack
@@ -26,7 +30,15 @@ async fn a_token_from_token_verifies_against_jwks_with_an_independent_library() 
         .json()
         .await
         .expect("json");
-    let jwks: Value = stack.http.get(format!("{}/jwks", stack.api_url)).send().await.expect("jwks").json().await.expect("json");
+    let jwks: Value = stack
+        .http
+        .get(format!("{}/jwks", stack.api_url))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("json");
 
     // Assert
     assert_eq!(token_reply["powersync_url"], uplink_tests::stack::POWERSYNC_URL);
@@ -34,18 +46,34 @@ async fn a_token_from_token_verifies_against_jwks_with_an_independent_library() 
     let metadata = Token::decode_metadata(token).expect("a JWT");
     assert_eq!(metadata.algorithm(), "RS256");
     let kid = metadata.key_id().expect("kid in header");
-    let jwk = jwks["keys"].as_array().expect("keys").iter().find(|k| k["kid"] == kid).expect("kid listed in JWKS");
-    assert_eq!((jwk["kty"].as_str(), jwk["alg"].as_str(), jwk["use"].as_str()), (Some("RSA"), Some("RS256"), Some("sig")));
+    let jwk = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .expect("kid listed in JWKS");
+    assert_eq!(
+        (jwk["kty"].as_str(), jwk["alg"].as_str(), jwk["use"].as_str()),
+        (Some("RSA"), Some("RS256"), Some("sig"))
+    );
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let n = jwk["n"].as_str().expect("n");
-    assert!(!n.contains('=') && !n.contains('+') && !n.contains('/'), "base64url without padding");
-    let public = RS256PublicKey::from_components(&b64.decode(n).expect("n"), &b64.decode(jwk["e"].as_str().expect("e")).expect("e"))
-        .expect("public key");
+    assert!(
+        !n.contains('=') && !n.contains('+') && !n.contains('/'),
+        "base64url without padding"
+    );
+    let public = RS256PublicKey::from_components(
+        &b64.decode(n).expect("n"),
+        &b64.decode(jwk["e"].as_str().expect("e")).expect("e"),
+    )
+    .expect("public key");
     let options = VerificationOptions {
         allowed_audiences: Some(HashSet::from_strings(&[uplink_tests::stack::POWERSYNC_URL])),
         ..VerificationOptions::default()
     };
-    let claims = public.verify_token::<NoCustomClaims>(token, Some(options)).expect("signature and audience verify");
+    let claims = public
+        .verify_token::<NoCustomClaims>(token, Some(options))
+        .expect("signature and audience verify");
     assert_eq!(claims.subject.as_deref(), Some("alice"));
     let lifetime = claims.expires_at.expect("exp") - claims.issued_at.expect("iat");
     assert_eq!(lifetime.as_secs(), 3600, "default lifetime");
@@ -63,11 +91,25 @@ async fn token_lifetime_is_configurable_and_a_missing_user_id_is_refused() {
     let token = stack.token("bob").await;
     let claims: Value = {
         let payload = token.split('.').nth(1).expect("payload");
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json")
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .expect("b64"),
+        )
+        .expect("json")
     };
-    assert_eq!(claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat"), 120);
+    assert_eq!(
+        claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat"),
+        120
+    );
     for query in ["", "?user_id=", "?user_id=%20"] {
-        let status = stack.http.get(format!("{}/token{query}", stack.api_url)).send().await.expect("token").status();
+        let status = stack
+            .http
+            .get(format!("{}/token{query}", stack.api_url))
+            .send()
+            .await
+            .expect("token")
+            .status();
         assert_eq!(status, StatusCode::BAD_REQUEST, "query {query:?}");
     }
     stack.finish().await;
@@ -102,13 +144,19 @@ async fn ops_in_both_spellings_across_two_collections_end_as_documents() {
         (todos.len() == 1 && todos.get("t1").map(|t| t["done"] == 1).unwrap_or(false)).then_some(todos)
     })
     .await;
-    assert_eq!(Value::Object(todos["t1"].clone()), json!({"list_id": "l1", "title": "milk", "done": 1, "note": null}));
+    assert_eq!(
+        Value::Object(todos["t1"].clone()),
+        json!({"list_id": "l1", "title": "milk", "done": 1, "note": null})
+    );
     let lists = eventually(APPLY_TIMEOUT, "list renamed", || async {
         let lists = stack.docs("lists").await;
         (lists.get("l1").map(|l| l["name"] == "Shopping").unwrap_or(false)).then_some(lists)
     })
     .await;
-    assert_eq!(Value::Object(lists["l1"].clone()), json!({"name": "Shopping", "owner": "carol"}));
+    assert_eq!(
+        Value::Object(lists["l1"].clone()),
+        json!({"name": "Shopping", "owner": "carol"})
+    );
     stack.finish().await;
 }
 
@@ -119,17 +167,23 @@ async fn ops_of_one_batch_apply_in_order() {
 
     // PUT, PATCH, DELETE of one id: nothing remains. DELETE then PUT: the document exists.
     stack
-        .upload_ok(&token, &json!({"batch": [
-            {"op": "PUT", "table": "notes", "id": "gone", "data": {"text": "a"}},
-            {"op": "PATCH", "table": "notes", "id": "gone", "data": {"text": "b"}},
-            {"op": "DELETE", "table": "notes", "id": "gone"},
-            {"op": "DELETE", "table": "notes", "id": "kept"},
-            {"op": "PUT", "table": "notes", "id": "kept", "data": {"text": "c"}},
-            {"op": "PUT", "table": "marker", "id": "done", "data": {}},
-        ]}))
+        .upload_ok(
+            &token,
+            &json!({"batch": [
+                {"op": "PUT", "table": "notes", "id": "gone", "data": {"text": "a"}},
+                {"op": "PATCH", "table": "notes", "id": "gone", "data": {"text": "b"}},
+                {"op": "DELETE", "table": "notes", "id": "gone"},
+                {"op": "DELETE", "table": "notes", "id": "kept"},
+                {"op": "PUT", "table": "notes", "id": "kept", "data": {"text": "c"}},
+                {"op": "PUT", "table": "marker", "id": "done", "data": {}},
+            ]}),
+        )
         .await;
 
-    eventually(APPLY_TIMEOUT, "batch applied", || async { (!stack.docs("marker").await.is_empty()).then_some(()) }).await;
+    eventually(APPLY_TIMEOUT, "batch applied", || async {
+        (!stack.docs("marker").await.is_empty()).then_some(())
+    })
+    .await;
     let notes = stack.docs("notes").await;
     assert_eq!(notes.keys().collect::<Vec<_>>(), vec!["kept"]);
     assert_eq!(notes["kept"]["text"], "c");
@@ -159,7 +213,12 @@ async fn concurrent_users_with_sequential_batches_end_in_the_in_order_state() {
     // Arrange: 50 users × 20 sequential batches, two workers.
     const USERS: usize = 50;
     const BATCHES: usize = 20;
-    let stack = Stack::start(StackOptions { workers: 2, partitions: 4, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 2,
+        partitions: 4,
+        ..StackOptions::default()
+    })
+    .await;
     let mut model = Model::default();
     let mut plans = Vec::new();
     {
@@ -192,10 +251,15 @@ async fn concurrent_users_with_sequential_batches_end_in_the_in_order_state() {
     let expected_tags = model.collection("tags");
     eventually(Duration::from_secs(120), "all batches applied", || async {
         let depth: u32 = stack.queue_depths().await.iter().sum();
-        (depth == 0 && stack.docs("items").await == expected_items && stack.docs("tags").await == expected_tags).then_some(())
+        (depth == 0 && stack.docs("items").await == expected_items && stack.docs("tags").await == expected_tags)
+            .then_some(())
     })
     .await;
-    let applied: u64 = stack.workers.iter().map(|w| w.metrics.batches.with_label_values(&["applied"]).get()).sum();
+    let applied: u64 = stack
+        .workers
+        .iter()
+        .map(|w| w.metrics.batches.with_label_values(&["applied"]).get())
+        .sum();
     assert_eq!(applied, (USERS * BATCHES) as u64, "every batch applied exactly once");
     eprintln!(
         "{} batches accepted in {:.2?} ({:.0} uploads/s through the api)",
@@ -212,7 +276,10 @@ async fn bad_uploads_get_the_documented_status_and_publish_nothing() {
     let stack = Stack::start(StackOptions {
         workers: 0,
         partitions: 2,
-        api_env: vec![("UPLINK_MAX_OPS".into(), "3".into()), ("UPLINK_MAX_BODY_BYTES".into(), "2048".into())],
+        api_env: vec![
+            ("UPLINK_MAX_OPS".into(), "3".into()),
+            ("UPLINK_MAX_BODY_BYTES".into(), "2048".into()),
+        ],
         ..StackOptions::default()
     })
     .await;
@@ -244,7 +311,10 @@ async fn bad_uploads_get_the_documented_status_and_publish_nothing() {
     for (what, body, expected, field) in cases {
         let (status, reply) = stack.upload_raw(Some(&token), body).await;
         assert_eq!(status, expected, "{what}: {reply}");
-        assert!(reply["error"]["message"].is_string(), "{what}: JSON error body expected, got {reply}");
+        assert!(
+            reply["error"]["message"].is_string(),
+            "{what}: JSON error body expected, got {reply}"
+        );
         if let Some(field) = field {
             assert_eq!(reply["error"]["field"], field, "{what}: {reply}");
         }
@@ -252,22 +322,47 @@ async fn bad_uploads_get_the_documented_status_and_publish_nothing() {
             assert_eq!(reply["error"]["op_index"], 0, "{what}: {reply}");
         }
     }
-    let (status, _) = stack.upload_raw(None, op(json!({"op": "DELETE", "table": "t", "id": "1"})).to_string().into_bytes()).await;
+    let (status, _) = stack
+        .upload_raw(
+            None,
+            op(json!({"op": "DELETE", "table": "t", "id": "1"}))
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "no token");
-    assert_eq!(stack.queue_depths().await.iter().sum::<u32>(), 0, "nothing was published");
+    assert_eq!(
+        stack.queue_depths().await.iter().sum::<u32>(),
+        0,
+        "nothing was published"
+    );
 
     // The counting itself works: one good upload shows up as one message.
-    stack.upload_ok(&token, &op(json!({"op": "DELETE", "table": "t", "id": "1"}))).await;
+    stack
+        .upload_ok(&token, &op(json!({"op": "DELETE", "table": "t", "id": "1"})))
+        .await;
     assert_eq!(stack.queue_depths().await.iter().sum::<u32>(), 1);
     stack.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_endpoints_report_each_component() {
-    let stack = Stack::start(StackOptions { workers: 1, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        workers: 1,
+        ..StackOptions::default()
+    })
+    .await;
     let token = stack.token("frank").await;
-    stack.upload_ok(&token, &json!({"batch": [{"op": "PUT", "table": "m", "id": "1", "data": {"a": 1}}]})).await;
-    eventually(APPLY_TIMEOUT, "applied", || async { (!stack.docs("m").await.is_empty()).then_some(()) }).await;
+    stack
+        .upload_ok(
+            &token,
+            &json!({"batch": [{"op": "PUT", "table": "m", "id": "1", "data": {"a": 1}}]}),
+        )
+        .await;
+    eventually(APPLY_TIMEOUT, "applied", || async {
+        (!stack.docs("m").await.is_empty()).then_some(())
+    })
+    .await;
 
     let get = |url: String| {
         let http = stack.http.clone();
@@ -301,7 +396,10 @@ async fn health_and_metrics_endpoints_report_each_component() {
         r#"uplink_upload_ops_total{op="PUT"} 1"#,
         "uplink_broker_up 1",
     ] {
-        assert!(api_metrics.contains(needle), "api metrics lack {needle}:\n{api_metrics}");
+        assert!(
+            api_metrics.contains(needle),
+            "api metrics lack {needle}:\n{api_metrics}"
+        );
     }
     let (_, worker_metrics) = get(format!("{worker}/metrics")).await;
     for needle in [
@@ -312,8 +410,10 @@ async fn health_and_metrics_endpoints_report_each_component() {
         "uplink_worker_broker_up 1",
         "uplink_worker_mongo_up 1",
     ] {
-        assert!(worker_metrics.contains(needle), "worker metrics lack {needle}:\n{worker_metrics}");
+        assert!(
+            worker_metrics.contains(needle),
+            "worker metrics lack {needle}:\n{worker_metrics}"
+        );
     }
     stack.finish().await;
 }
-

@@ -12,9 +12,9 @@ use uplink_tests::{eventually, Stack, StackOptions};
 
 /// The MongoDB-wire server `deploy/local/services.sh` installs.
 fn secantusd() -> PathBuf {
-    std::env::var("UPLINK_TEST_SECANTUSD").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.local/venv/bin/secantusd-py")
-    })
+    std::env::var("UPLINK_TEST_SECANTUSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.local/venv/bin/secantusd-py"))
 }
 
 struct Server(Child, PathBuf);
@@ -36,12 +36,21 @@ async fn exercise(stack: &Stack) {
     stack.upload_ok(&token, &first).await;
     stack.upload_ok(&token, &json!({"client_id": "other", "batch": [{"op_id": 1, "op": "PUT", "type": "t", "id": "a", "data": {"v": 9}}]})).await;
     stack.upload_ok(&token, &first).await; // a client retry
-    stack.upload_ok(&token, &json!({"client_id": "c", "batch": [{"op_id": 3, "op": "DELETE", "type": "t", "id": "gone"}]})).await;
+    stack
+        .upload_ok(
+            &token,
+            &json!({"client_id": "c", "batch": [{"op_id": 3, "op": "DELETE", "type": "t", "id": "gone"}]}),
+        )
+        .await;
     eventually(Duration::from_secs(60), "checkpoint 3", || async {
         (stack.checkpoints().await.get(&("nora".to_owned(), "c".to_owned())) == Some(&3)).then_some(())
     })
     .await;
-    assert_eq!(Value::Object(stack.docs("t").await["a"].clone()), json!({"v": 9}), "the retry was skipped");
+    assert_eq!(
+        Value::Object(stack.docs("t").await["a"].clone()),
+        json!({"v": 9}),
+        "the retry was skipped"
+    );
     assert_eq!(stack.workers_sum(|m| m.ops_skipped.get()), 2);
 }
 
@@ -60,7 +69,11 @@ async fn with_transactions_turned_off_batches_still_apply_once_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_standalone_server_the_worker_detects_no_transactions_and_still_works() {
     // Arrange: a standalone server of our own on a free port.
-    let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
     let dir = std::env::temp_dir().join(format!("uplink-standalone-{port}"));
     let child = Command::new(secantusd())
         .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path"])
@@ -72,13 +85,27 @@ async fn against_a_standalone_server_the_worker_detects_no_transactions_and_stil
         .expect("secantusd-py starts (run deploy/local/services.sh first)");
     let _server = Server(child, dir);
     let uri = format!("mongodb://127.0.0.1:{port}");
-    let client = mongodb::Client::with_uri_str(format!("{uri}/?directConnection=true")).await.expect("client");
+    let client = mongodb::Client::with_uri_str(format!("{uri}/?directConnection=true"))
+        .await
+        .expect("client");
     eventually(Duration::from_secs(30), "standalone server up", || async {
-        client.database("admin").run_command(mongodb::bson::doc! {"ping": 1}).await.ok().map(|_| ())
+        client
+            .database("admin")
+            .run_command(mongodb::bson::doc! {"ping": 1})
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await;
-    let hello = client.database("admin").run_command(mongodb::bson::doc! {"hello": 1}).await.expect("hello");
-    assert!(hello.get("setName").is_none(), "the server really is standalone: {hello}");
+    let hello = client
+        .database("admin")
+        .run_command(mongodb::bson::doc! {"hello": 1})
+        .await
+        .expect("hello");
+    assert!(
+        hello.get("setName").is_none(),
+        "the server really is standalone: {hello}"
+    );
 
     // The stack's own database helpers point at the shared server; the worker writes to the
     // standalone one, so read its results from there.

@@ -38,7 +38,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             "mongodb": if mongo { "up" } else { "down" },
         },
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 

@@ -56,8 +56,12 @@ struct Command {
 impl Command {
     fn to_document(&self, write_concern: Option<&Document>) -> Document {
         let mut cmd = match self.kind {
-            CommandKind::Update => doc! { "update": &self.collection, "updates": self.statements.clone(), "ordered": true },
-            CommandKind::Delete => doc! { "delete": &self.collection, "deletes": self.statements.clone(), "ordered": true },
+            CommandKind::Update => {
+                doc! { "update": &self.collection, "updates": self.statements.clone(), "ordered": true }
+            }
+            CommandKind::Delete => {
+                doc! { "delete": &self.collection, "deletes": self.statements.clone(), "ordered": true }
+            }
         };
         if let Some(wc) = write_concern {
             cmd.insert("writeConcern", wc.clone());
@@ -84,12 +88,18 @@ fn plan(batch: &UploadBatch, collections: &CollectionsConfig, applied_up_to: Opt
             }
         }
         let collection = op.collection.as_str();
-        let permanent = |e: crate::convert::ConversionError| ApplyError::permanent(e.to_string()).at_op(index, collection);
+        let permanent =
+            |e: crate::convert::ConversionError| ApplyError::permanent(e.to_string()).at_op(index, collection);
         let id = collections.id(collection, op.id.as_str()).map_err(permanent)?;
         let empty = serde_json::Map::new();
-        let row = collections.row(collection, op.data.as_ref().unwrap_or(&empty)).map_err(permanent)?;
+        let row = collections
+            .row(collection, op.data.as_ref().unwrap_or(&empty))
+            .map_err(permanent)?;
         let (kind, statement) = match op.op {
-            OpKind::Put => (CommandKind::Update, doc! { "q": { "_id": id }, "u": row, "upsert": true }),
+            OpKind::Put => (
+                CommandKind::Update,
+                doc! { "q": { "_id": id }, "u": row, "upsert": true },
+            ),
             OpKind::Patch if row.is_empty() => {
                 // Nothing to set; MongoDB rejects an empty `$set`.
                 plan.applied += 1;
@@ -100,7 +110,9 @@ fn plan(batch: &UploadBatch, collections: &CollectionsConfig, applied_up_to: Opt
         };
         plan.applied += 1;
         match plan.commands.last_mut() {
-            Some(last) if last.collection == collection && last.kind == kind && last.statements.len() < MAX_STATEMENTS => {
+            Some(last)
+                if last.collection == collection && last.kind == kind && last.statements.len() < MAX_STATEMENTS =>
+            {
                 last.statements.push(statement);
                 last.op_indices.push(index);
             }
@@ -138,9 +150,14 @@ impl Applier {
         options.app_name.get_or_insert_with(|| "uplink-worker".to_owned());
         // Fail fast while the server is unreachable, so the retry loop (with its metrics and
         // logs) is in charge rather than a silent 30 s driver wait.
-        options.server_selection_timeout.get_or_insert(std::time::Duration::from_secs(5));
+        options
+            .server_selection_timeout
+            .get_or_insert(std::time::Duration::from_secs(5));
         options.connect_timeout.get_or_insert(std::time::Duration::from_secs(5));
-        let database = options.default_database.clone().unwrap_or_else(|| "powersync".to_owned());
+        let database = options
+            .default_database
+            .clone()
+            .unwrap_or_else(|| "powersync".to_owned());
         let client = Client::with_options(options)?;
         let (write_concern, write_concern_doc) = match cfg.write_concern.parse::<u32>() {
             Ok(n) => (WriteConcern::nodes(n), doc! { "w": n }),
@@ -214,7 +231,13 @@ impl Applier {
     /// Records a rejected batch in the upload-errors collection, keyed by batch id (so a
     /// redelivery or replay does not record it twice), for sync rules to stream back to the
     /// user's devices. Best effort: the dead letter, not this record, is what keeps the batch.
-    pub async fn record_upload_error(&self, batch: &UploadBatch, reason: &str, error: Option<&ApplyError>, message: &str) {
+    pub async fn record_upload_error(
+        &self,
+        batch: &UploadBatch,
+        reason: &str,
+        error: Option<&ApplyError>,
+        message: &str,
+    ) {
         let Some(collection) = &self.upload_errors else {
             return;
         };
@@ -230,7 +253,10 @@ impl Applier {
         if let Some(e) = error {
             record.insert("error_class", e.class.as_str());
             record.insert("error_code", e.code.map(Bson::Int32).unwrap_or(Bson::Null));
-            record.insert("op_index", e.op_index.map(|i| Bson::Int64(i as i64)).unwrap_or(Bson::Null));
+            record.insert(
+                "op_index",
+                e.op_index.map(|i| Bson::Int64(i as i64)).unwrap_or(Bson::Null),
+            );
         }
         if let Some(op) = op {
             record.insert("op", op.op.as_str());
@@ -261,7 +287,11 @@ impl Applier {
             }
         }
         if self.transactional().await? {
-            let mut session = self.client.start_session().await.map_err(|e| ApplyError::from_mongo(&e))?;
+            let mut session = self
+                .client
+                .start_session()
+                .await
+                .map_err(|e| ApplyError::from_mongo(&e))?;
             session
                 .start_transaction()
                 .write_concern(self.write_concern.clone())
@@ -284,9 +314,15 @@ impl Applier {
         }
     }
 
-    async fn apply_in(&self, batch: &UploadBatch, mut session: Option<&mut ClientSession>) -> Result<Applied, ApplyError> {
+    async fn apply_in(
+        &self,
+        batch: &UploadBatch,
+        mut session: Option<&mut ClientSession>,
+    ) -> Result<Applied, ApplyError> {
         let checkpoint_key = match (&batch.client_id, batch.checkpoint()) {
-            (Some(client_id), Some(checkpoint)) => Some((checkpoint_id(&batch.user_id, client_id), client_id, checkpoint)),
+            (Some(client_id), Some(checkpoint)) => {
+                Some((checkpoint_id(&batch.user_id, client_id), client_id, checkpoint))
+            }
             _ => None,
         };
         let applied_up_to = match &checkpoint_key {
@@ -294,7 +330,11 @@ impl Applier {
             None => None,
         };
         let plan = plan(batch, &self.collections, applied_up_to)?;
-        let write_concern = if session.is_some() { None } else { Some(&self.write_concern_doc) };
+        let write_concern = if session.is_some() {
+            None
+        } else {
+            Some(&self.write_concern_doc)
+        };
         for command in &plan.commands {
             self.run(command, write_concern, session.as_deref_mut()).await?;
         }
@@ -341,15 +381,22 @@ impl Applier {
         }))
     }
 
-    async fn run(&self, command: &Command, write_concern: Option<&Document>, session: Option<&mut ClientSession>) -> Result<(), ApplyError> {
-        self.run_raw(command.to_document(write_concern), session).await.map_err(|mut e| {
-            // A statement index in the reply maps back to the op that failed.
-            if let Some(i) = e.op_index {
-                e.op_index = command.op_indices.get(i).copied();
-            }
-            e.collection = Some(command.collection.clone());
-            e
-        })
+    async fn run(
+        &self,
+        command: &Command,
+        write_concern: Option<&Document>,
+        session: Option<&mut ClientSession>,
+    ) -> Result<(), ApplyError> {
+        self.run_raw(command.to_document(write_concern), session)
+            .await
+            .map_err(|mut e| {
+                // A statement index in the reply maps back to the op that failed.
+                if let Some(i) = e.op_index {
+                    e.op_index = command.op_indices.get(i).copied();
+                }
+                e.collection = Some(command.collection.clone());
+                e
+            })
     }
 
     /// Runs a write command and checks its reply: `writeErrors` and `writeConcernError` are
@@ -409,8 +456,16 @@ mod tests {
 
     fn batch(ops: serde_json::Value) -> UploadBatch {
         let body = json!({"client_id": "c", "batch": ops});
-        let parsed = uplink_common::Batch::parse(body.to_string().as_bytes(), &uplink_common::Limits::default()).expect("valid");
-        UploadBatch { batch_id: Uuid::now_v7(), user_id: "u".into(), client_id: parsed.client_id, partition: 0, accepted_at_ms: 0, ops: parsed.ops }
+        let parsed =
+            uplink_common::Batch::parse(body.to_string().as_bytes(), &uplink_common::Limits::default()).expect("valid");
+        UploadBatch {
+            batch_id: Uuid::now_v7(),
+            user_id: "u".into(),
+            client_id: parsed.client_id,
+            partition: 0,
+            accepted_at_ms: 0,
+            ops: parsed.ops,
+        }
     }
 
     #[test]
@@ -424,8 +479,11 @@ mod tests {
             {"op_id": 6, "op": "PUT", "type": "a", "id": "4", "data": {}},
         ]));
         let p = plan(&b, &CollectionsConfig::default(), None).expect("plans");
-        let shape: Vec<(&str, CommandKind, Vec<usize>)> =
-            p.commands.iter().map(|c| (c.collection.as_str(), c.kind, c.op_indices.clone())).collect();
+        let shape: Vec<(&str, CommandKind, Vec<usize>)> = p
+            .commands
+            .iter()
+            .map(|c| (c.collection.as_str(), c.kind, c.op_indices.clone()))
+            .collect();
         assert_eq!(
             shape,
             vec![
@@ -436,8 +494,14 @@ mod tests {
             ]
         );
         assert_eq!(p.applied, 6);
-        assert_eq!(p.commands[0].statements[0], doc! {"q": {"_id": "1"}, "u": {"x": 1}, "upsert": true});
-        assert_eq!(p.commands[0].statements[1], doc! {"q": {"_id": "1"}, "u": {"$set": {"y": 2}}});
+        assert_eq!(
+            p.commands[0].statements[0],
+            doc! {"q": {"_id": "1"}, "u": {"x": 1}, "upsert": true}
+        );
+        assert_eq!(
+            p.commands[0].statements[1],
+            doc! {"q": {"_id": "1"}, "u": {"$set": {"y": 2}}}
+        );
         assert_eq!(p.commands[1].statements[0], doc! {"q": {"_id": "2"}, "limit": 1});
     }
 

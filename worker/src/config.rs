@@ -84,7 +84,9 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let mongo_uri = env.secret("MONGO_URI").ok_or_else(|| ConfigError::new("MONGO_URI", "is required"))?;
+        let mongo_uri = env
+            .secret("MONGO_URI")
+            .ok_or_else(|| ConfigError::new("MONGO_URI", "is required"))?;
         let amqp = AmqpConfig::from_env(env)?;
         uplink_common::amqp::validate_url(&amqp.url).map_err(|e| ConfigError::new("AMQP_URL", e))?;
         let transactions = match env.get("UPLINK_TRANSACTIONS").as_deref() {
@@ -92,12 +94,18 @@ impl WorkerConfig {
             Some("on") => TransactionMode::On,
             Some("off") => TransactionMode::Off,
             Some(other) => {
-                return Err(ConfigError::new("UPLINK_TRANSACTIONS", format!("expected auto, on or off, got {other:?}")))
+                return Err(ConfigError::new(
+                    "UPLINK_TRANSACTIONS",
+                    format!("expected auto, on or off, got {other:?}"),
+                ))
             }
         };
         let write_concern = env.get("UPLINK_WRITE_CONCERN").unwrap_or_else(|| "majority".into());
         if write_concern != "majority" && write_concern.parse::<u32>().is_err() {
-            return Err(ConfigError::new("UPLINK_WRITE_CONCERN", "expected `majority` or a number of nodes"));
+            return Err(ConfigError::new(
+                "UPLINK_WRITE_CONCERN",
+                "expected `majority` or a number of nodes",
+            ));
         }
         let prefetch: u16 = env.parse_or("UPLINK_PREFETCH", 1)?;
         if prefetch == 0 {
@@ -114,7 +122,9 @@ impl WorkerConfig {
                 "retry delays must be positive, and the maximum at least the minimum",
             ));
         }
-        let checkpoint_collection = env.get("UPLINK_CHECKPOINT_COLLECTION").unwrap_or_else(|| "checkpoints".into());
+        let checkpoint_collection = env
+            .get("UPLINK_CHECKPOINT_COLLECTION")
+            .unwrap_or_else(|| "checkpoints".into());
         uplink_common::CollectionName::parse(&checkpoint_collection)
             .map_err(|e| ConfigError::new("UPLINK_CHECKPOINT_COLLECTION", e))?;
         let collections = match env.get("UPLINK_COLLECTIONS_CONFIG") {
@@ -125,7 +135,8 @@ impl WorkerConfig {
         let upload_errors_collection = match env.get("UPLINK_UPLOAD_ERRORS_COLLECTION").as_deref() {
             Some("off") | Some("none") => None,
             Some(name) => {
-                uplink_common::CollectionName::parse(name).map_err(|e| ConfigError::new("UPLINK_UPLOAD_ERRORS_COLLECTION", e))?;
+                uplink_common::CollectionName::parse(name)
+                    .map_err(|e| ConfigError::new("UPLINK_UPLOAD_ERRORS_COLLECTION", e))?;
                 Some(name.to_owned())
             }
             None => Some("upload_errors".to_owned()),
@@ -137,13 +148,13 @@ impl WorkerConfig {
             mongo_uri,
             amqp,
             admin_addr: env.parse_or("UPLINK_WORKER_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,
-            worker_id: env
-                .get("UPLINK_WORKER_ID")
-                .unwrap_or_else(|| format!(
+            worker_id: env.get("UPLINK_WORKER_ID").unwrap_or_else(|| {
+                format!(
                     "{}-{}",
                     uplink_common::shutdown::hostname().unwrap_or_else(|| "worker".to_owned()),
                     std::process::id()
-                )),
+                )
+            }),
             prefetch,
             transactions,
             write_concern,
@@ -153,7 +164,6 @@ impl WorkerConfig {
         })
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uplink_common::amqp::{header_i64, header_str};
-use uplink_common::envelope::headers as h;
+use uplink_common::envelope::{headers as h, ApplyOutcome};
 use uplink_common::topology::Topology;
 use uplink_common::trace::TraceParent;
 use uplink_common::{Envelope, UploadBatch};
@@ -54,10 +54,15 @@ impl Consumer {
                 Ok(connection) => {
                     delay = RECONNECT_MIN;
                     self.status.set_broker(true, &self.metrics);
-                    tracing::info!(partitions = self.topology.partitions, "connected to the broker; consuming every partition");
+                    tracing::info!(
+                        partitions = self.topology.partitions,
+                        "connected to the broker; consuming every partition"
+                    );
                     self.consume(&connection, &cancel).await;
                     self.status.set_broker(false, &self.metrics);
-                    let _ = connection.close(200, "uplink-worker stopping or reconnecting".into()).await;
+                    let _ = connection
+                        .close(200, "uplink-worker stopping or reconnecting".into())
+                        .await;
                 }
                 Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the broker"),
             }
@@ -125,14 +130,25 @@ impl Consumer {
         }
     }
 
-    async fn consume_partition(&self, channel: Channel, partition: u16, outbox: Outbox, stop: CancellationToken) -> lapin::Result<()> {
+    async fn consume_partition(
+        &self,
+        channel: Channel,
+        partition: u16,
+        outbox: Outbox,
+        stop: CancellationToken,
+    ) -> lapin::Result<()> {
         let queue = self.topology.partition_queue(partition);
         // Batches are processed strictly one after another whatever the prefetch; see
         // `UPLINK_PREFETCH` for why it defaults to 1.
         channel.basic_qos(self.cfg.prefetch, BasicQosOptions::default()).await?;
         let tag = format!("{}.{partition}", self.cfg.worker_id);
         let mut deliveries = channel
-            .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         self.metrics.partitions_consuming.inc();
         let result = loop {
@@ -159,7 +175,14 @@ impl Consumer {
 
     /// Applies one delivery and acknowledges it. Returns an error only when the broker
     /// connection is unusable (the ack failed).
-    async fn handle(&self, delivery: Delivery, partition: u16, queue: &str, outbox: &Outbox, stop: &CancellationToken) -> lapin::Result<()> {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        partition: u16,
+        queue: &str,
+        outbox: &Outbox,
+        stop: &CancellationToken,
+    ) -> lapin::Result<()> {
         let headers = delivery.properties.headers().as_ref();
         let trace_id = header_str(headers, h::TRACEPARENT)
             .and_then(|t| TraceParent::parse(&t))
@@ -169,7 +192,12 @@ impl Consumer {
         let batch = match Envelope::from_slice(&delivery.data) {
             Ok(envelope) => envelope.into_batch(),
             Err(e) => {
-                let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+                let message_id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default();
                 tracing::error!(%message_id, partition, error = %e, "undecodable message; dead-lettering it");
                 let reason = Reason {
                     reason: "undecodable",
@@ -192,10 +220,19 @@ impl Consumer {
             delivery_count,
             ops = batch.ops.len(),
         );
-        self.apply_with_retries(&delivery, &batch, queue, outbox, stop).instrument(span).await
+        self.apply_with_retries(&delivery, &batch, queue, outbox, stop)
+            .instrument(span)
+            .await
     }
 
-    async fn apply_with_retries(&self, delivery: &Delivery, batch: &UploadBatch, queue: &str, outbox: &Outbox, stop: &CancellationToken) -> lapin::Result<()> {
+    async fn apply_with_retries(
+        &self,
+        delivery: &Delivery,
+        batch: &UploadBatch,
+        queue: &str,
+        outbox: &Outbox,
+        stop: &CancellationToken,
+    ) -> lapin::Result<()> {
         let mut attempt: u32 = 0;
         let mut first_failure_ms = None;
         loop {
@@ -211,7 +248,13 @@ impl Consumer {
                     self.metrics.commands.inc_by(applied.commands as u64);
                     delivery.ack(BasicAckOptions::default()).await?;
                     outbox
-                        .reply(delivery, &Outcome::Applied { batch_id: batch.batch_id.to_string(), checkpoint: batch.checkpoint() })
+                        .reply(
+                            delivery,
+                            &ApplyOutcome::Applied {
+                                batch_id: batch.batch_id.to_string(),
+                                checkpoint: batch.checkpoint(),
+                            },
+                        )
                         .await;
                     self.metrics.batches.with_label_values(&["applied"]).inc();
                     let lag_ms = now_ms().saturating_sub(batch.accepted_at_ms).max(0);
@@ -228,7 +271,10 @@ impl Consumer {
                 }
                 Err(e) => e,
             };
-            self.metrics.apply_failures.with_label_values(&[error.class.as_str()]).inc();
+            self.metrics
+                .apply_failures
+                .with_label_values(&[error.class.as_str()])
+                .inc();
             let first = *first_failure_ms.get_or_insert_with(now_ms);
             let give_up = match error.class {
                 ErrorClass::Permanent => true,
@@ -236,7 +282,11 @@ impl Consumer {
                 ErrorClass::Transient => false,
             };
             if give_up {
-                let reason_name = if error.class == ErrorClass::Permanent { "permanent" } else { "attempts_exhausted" };
+                let reason_name = if error.class == ErrorClass::Permanent {
+                    "permanent"
+                } else {
+                    "attempts_exhausted"
+                };
                 tracing::error!(error = %error, attempts = attempt, op_index = ?error.op_index, "batch cannot be applied; dead-lettering it");
                 let reason = Reason {
                     reason: reason_name,
@@ -252,7 +302,10 @@ impl Consumer {
             if is_connectivity(&error) {
                 self.status.set_mongo(false, &self.metrics);
             }
-            self.metrics.apply_retries.with_label_values(&[error.class.as_str()]).inc();
+            self.metrics
+                .apply_retries
+                .with_label_values(&[error.class.as_str()])
+                .inc();
             let delay = self.cfg.retry.delay(attempt);
             tracing::warn!(error = %error, attempt, retry_in = ?delay, "batch failed; retrying in place");
             tokio::select! {
@@ -277,8 +330,14 @@ impl Consumer {
         stop: &CancellationToken,
     ) -> lapin::Result<()> {
         if let Some(batch) = batch {
-            let message = reason.error.map(|e| e.message.clone()).or_else(|| reason.detail.clone()).unwrap_or_default();
-            self.applier.record_upload_error(batch, reason.reason, reason.error, &message).await;
+            let message = reason
+                .error
+                .map(|e| e.message.clone())
+                .or_else(|| reason.detail.clone())
+                .unwrap_or_default();
+            self.applier
+                .record_upload_error(batch, reason.reason, reason.error, &message)
+                .await;
         }
         let mut attempt = 0;
         loop {
@@ -298,7 +357,14 @@ impl Consumer {
         delivery.ack(BasicAckOptions::default()).await?;
         let message = reason.error.map(|e| e.to_string()).or_else(|| reason.detail.clone());
         outbox
-            .reply(delivery, &Outcome::DeadLettered { batch_id: batch.map(|b| b.batch_id.to_string()), reason: reason.reason, message })
+            .reply(
+                delivery,
+                &ApplyOutcome::DeadLettered {
+                    batch_id: batch.map(|b| b.batch_id.to_string()),
+                    reason: reason.reason.to_owned(),
+                    message,
+                },
+            )
             .await;
         self.metrics.dead_lettered.with_label_values(&[reason.reason]).inc();
         self.metrics.batches.with_label_values(&["dead_lettered"]).inc();
@@ -308,24 +374,6 @@ impl Consumer {
 
 fn is_connectivity(error: &ApplyError) -> bool {
     error.class == ErrorClass::Transient && error.code.is_none()
-}
-
-/// What a worker tells an api waiting in acknowledge-on-apply mode.
-#[derive(Debug, serde::Serialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
-pub enum Outcome {
-    Applied {
-        batch_id: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        checkpoint: Option<i64>,
-    },
-    DeadLettered {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        batch_id: Option<String>,
-        reason: &'static str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        message: Option<String>,
-    },
 }
 
 /// The channels a connection publishes on besides consuming: dead letters (with publisher
@@ -347,7 +395,7 @@ impl Outbox {
     }
 
     /// Answers the api that published the batch, if it asked (RabbitMQ direct reply-to).
-    async fn reply(&self, delivery: &Delivery, outcome: &Outcome) {
+    async fn reply(&self, delivery: &Delivery, outcome: &ApplyOutcome) {
         let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
             return;
         };
@@ -358,7 +406,13 @@ impl Outbox {
         let body = serde_json::to_vec(outcome).unwrap_or_default();
         let sent = self
             .replies
-            .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, properties)
+            .basic_publish(
+                "".into(),
+                reply_to.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
             .await;
         if let Err(e) = sent {
             tracing::debug!(error = %e, "could not send the apply acknowledgement");

@@ -88,10 +88,12 @@ impl CollectionsConfig {
     pub fn id(&self, collection: &str, id: &str) -> Result<Bson, ConversionError> {
         match self.settings(collection).and_then(|s| s.id) {
             None | Some(IdType::String) => Ok(Bson::String(id.to_owned())),
-            Some(IdType::ObjectId) => ObjectId::parse_str(id).map(Bson::ObjectId).map_err(|_| ConversionError {
-                field: "id".into(),
-                message: format!("{id:?} is not a 24-digit hex ObjectId"),
-            }),
+            Some(IdType::ObjectId) => ObjectId::parse_str(id)
+                .map(Bson::ObjectId)
+                .map_err(|_| ConversionError {
+                    field: "id".into(),
+                    message: format!("{id:?} is not a 24-digit hex ObjectId"),
+                }),
         }
     }
 
@@ -130,13 +132,18 @@ pub fn json_to_bson(value: &Value) -> Bson {
 }
 
 fn convert(field: &str, kind: FieldType, value: &Value) -> Result<Bson, ConversionError> {
-    let fail = |message: String| ConversionError { field: field.to_owned(), message };
+    let fail = |message: String| ConversionError {
+        field: field.to_owned(),
+        message,
+    };
     if value.is_null() {
         return Ok(Bson::Null);
     }
     match kind {
         FieldType::Date => match value {
-            Value::String(s) => parse_date(s).ok_or_else(|| fail(format!("{s:?} is not an ISO-8601 date or date-time"))),
+            Value::String(s) => {
+                parse_date(s).ok_or_else(|| fail(format!("{s:?} is not an ISO-8601 date or date-time")))
+            }
             other => Err(fail(format!("expected ISO-8601 text for a date, got {other}"))),
         },
         FieldType::Bool => match value {
@@ -167,7 +174,10 @@ fn convert(field: &str, kind: FieldType, value: &Value) -> Result<Bson, Conversi
                 other => return Err(fail(format!("expected decimal text, got {other}"))),
             };
             let valid = !text.is_empty()
-                && text.trim_start_matches(['-', '+']).chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+                && text
+                    .trim_start_matches(['-', '+'])
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
                 && text.chars().any(|c| c.is_ascii_digit());
             if !valid {
                 return Err(fail(format!("{text:?} is not a decimal number")));
@@ -228,22 +238,37 @@ mod tests {
             "list_id": "65f0c0ffee0000000000abcd", "price": "12.50", "title": "x", "n": 3
         });
         let doc = cfg.row("todos", row.as_object().expect("object")).expect("converts");
-        assert_eq!(doc.get("created_at"), Some(&Bson::DateTime(DateTime::from_millis(1_714_558_830_123))));
+        assert_eq!(
+            doc.get("created_at"),
+            Some(&Bson::DateTime(DateTime::from_millis(1_714_558_830_123)))
+        );
         assert_eq!(doc.get("done"), Some(&Bson::Boolean(true)));
         assert!(matches!(doc.get("tags"), Some(Bson::Array(a)) if a.len() == 2));
         assert!(matches!(doc.get("list_id"), Some(Bson::ObjectId(_))));
         assert_eq!(doc.get("price").map(ToString::to_string).as_deref(), Some("12.50"));
         assert_eq!(doc.get("title"), Some(&Bson::String("x".into())));
         assert_eq!(doc.get("n"), Some(&Bson::Int32(3)));
-        assert!(matches!(cfg.id("todos", "65f0c0ffee0000000000abcd"), Ok(Bson::ObjectId(_))));
+        assert!(matches!(
+            cfg.id("todos", "65f0c0ffee0000000000abcd"),
+            Ok(Bson::ObjectId(_))
+        ));
         assert_eq!(cfg.id("other", "abc"), Ok(Bson::String("abc".into())));
     }
 
     #[test]
     fn sqlite_datetimes_and_plain_dates_are_utc() {
-        assert_eq!(parse_date("2024-05-01 10:20:30"), Some(Bson::DateTime(DateTime::from_millis(1_714_558_830_000))));
-        assert_eq!(parse_date("2024-05-01"), Some(Bson::DateTime(DateTime::from_millis(1_714_521_600_000))));
-        assert_eq!(parse_date("2024-05-01T12:20:30+02:00"), Some(Bson::DateTime(DateTime::from_millis(1_714_558_830_000))));
+        assert_eq!(
+            parse_date("2024-05-01 10:20:30"),
+            Some(Bson::DateTime(DateTime::from_millis(1_714_558_830_000)))
+        );
+        assert_eq!(
+            parse_date("2024-05-01"),
+            Some(Bson::DateTime(DateTime::from_millis(1_714_521_600_000)))
+        );
+        assert_eq!(
+            parse_date("2024-05-01T12:20:30+02:00"),
+            Some(Bson::DateTime(DateTime::from_millis(1_714_558_830_000)))
+        );
     }
 
     #[test]
@@ -261,7 +286,9 @@ mod tests {
             ("price", json!("abc")),
         ] {
             let row = json!({ field: value });
-            let err = cfg.row("todos", row.as_object().expect("object")).expect_err("must not convert");
+            let err = cfg
+                .row("todos", row.as_object().expect("object"))
+                .expect_err("must not convert");
             assert_eq!(err.field, field, "{value}");
         }
         assert_eq!(cfg.id("todos", "not-hex").expect_err("bad id").field, "id");
@@ -270,7 +297,12 @@ mod tests {
     #[test]
     fn null_stays_null_whatever_the_conversion() {
         let cfg = config();
-        let doc = cfg.row("todos", json!({"created_at": null, "done": null}).as_object().expect("object")).expect("converts");
+        let doc = cfg
+            .row(
+                "todos",
+                json!({"created_at": null, "done": null}).as_object().expect("object"),
+            )
+            .expect("converts");
         assert_eq!(doc.get("created_at"), Some(&Bson::Null));
     }
 

@@ -60,7 +60,12 @@ pub fn now_ms() -> i64 {
 /// Publishes a copy of the delivery, reason attached, to the dead-letter exchange and waits
 /// for the broker's confirm. The caller acks the original only after this succeeds, so a
 /// crash in between leaves the batch in its partition (to be dead-lettered again), never lost.
-pub async fn publish(channel: &Channel, topology: &Topology, delivery: &Delivery, reason: &Reason<'_>) -> Result<(), DeadLetterError> {
+pub async fn publish(
+    channel: &Channel,
+    topology: &Topology,
+    delivery: &Delivery,
+    reason: &Reason<'_>,
+) -> Result<(), DeadLetterError> {
     let mut table = delivery.properties.headers().clone().unwrap_or_default();
     let mut set = |k: &str, v: AMQPValue| {
         table.insert(k.into(), v);
@@ -73,7 +78,10 @@ pub async fn publish(channel: &Channel, topology: &Topology, delivery: &Delivery
         }
         set(headers::ERROR_MESSAGE, text(&truncate(&e.message, 2000)));
         if let Some(i) = e.op_index {
-            set(headers::OP_INDEX, AMQPValue::LongLongInt(i64::try_from(i).unwrap_or(i64::MAX)));
+            set(
+                headers::OP_INDEX,
+                AMQPValue::LongLongInt(i64::try_from(i).unwrap_or(i64::MAX)),
+            );
         }
         if let Some(c) = &e.collection {
             set(headers::COLLECTION, text(c));
@@ -84,7 +92,10 @@ pub async fn publish(channel: &Channel, topology: &Topology, delivery: &Delivery
     }
     set(headers::ATTEMPTS, AMQPValue::LongLongInt(i64::from(reason.attempts)));
     let now = now_ms();
-    set(headers::FIRST_FAILURE_MS, AMQPValue::LongLongInt(reason.first_failure_ms));
+    set(
+        headers::FIRST_FAILURE_MS,
+        AMQPValue::LongLongInt(reason.first_failure_ms),
+    );
     set(headers::LAST_FAILURE_MS, AMQPValue::LongLongInt(now));
     set(headers::DEAD_AT_MS, AMQPValue::LongLongInt(now));
     set(headers::WORKER_ID, text(reason.worker_id));
@@ -94,7 +105,10 @@ pub async fn publish(channel: &Channel, topology: &Topology, delivery: &Delivery
         .basic_publish(
             topology.dead_exchange().as_str().into(),
             reason.queue.into(),
-            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
             &delivery.data,
             properties,
         )

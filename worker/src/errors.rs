@@ -45,7 +45,13 @@ pub struct ApplyError {
 
 impl ApplyError {
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Permanent, code: None, message: message.into(), op_index: None, collection: None }
+        Self {
+            class: ErrorClass::Permanent,
+            code: None,
+            message: message.into(),
+            op_index: None,
+            collection: None,
+        }
     }
 
     pub fn at_op(mut self, index: usize, collection: &str) -> Self {
@@ -56,36 +62,67 @@ impl ApplyError {
 
     /// A MongoDB driver error.
     pub fn from_mongo(error: &MongoError) -> Self {
-        let transient_label = ["TransientTransactionError", "RetryableWriteError", "UnknownTransactionCommitResult"]
-            .iter()
-            .any(|l| error.contains_label(l));
+        let transient_label = [
+            "TransientTransactionError",
+            "RetryableWriteError",
+            "UnknownTransactionCommitResult",
+        ]
+        .iter()
+        .any(|l| error.contains_label(l));
         let (class, code, message) = match &*error.kind {
-            ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. } | ErrorKind::DnsResolve { .. } => {
-                (ErrorClass::Transient, None, error.to_string())
-            }
+            ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::DnsResolve { .. } => (ErrorClass::Transient, None, error.to_string()),
             // Credentials an operator can fix: keep the partition waiting rather than
             // dead-lettering every batch.
             ErrorKind::Authentication { .. } => (ErrorClass::Transient, None, error.to_string()),
-            ErrorKind::Command(c) => (classify_code(c.code), Some(c.code), format!("{} ({}): {}", c.code_name, c.code, c.message)),
-            ErrorKind::Write(WriteFailure::WriteConcernError(wc)) => {
-                (ErrorClass::Transient, Some(wc.code), format!("write concern: {}", wc.message))
+            ErrorKind::Command(c) => (
+                classify_code(c.code),
+                Some(c.code),
+                format!("{} ({}): {}", c.code_name, c.code, c.message),
+            ),
+            ErrorKind::Write(WriteFailure::WriteConcernError(wc)) => (
+                ErrorClass::Transient,
+                Some(wc.code),
+                format!("write concern: {}", wc.message),
+            ),
+            ErrorKind::Write(WriteFailure::WriteError(we)) => {
+                (classify_code(we.code), Some(we.code), we.message.clone())
             }
-            ErrorKind::Write(WriteFailure::WriteError(we)) => (classify_code(we.code), Some(we.code), we.message.clone()),
             _ => (ErrorClass::Unknown, None, error.to_string()),
         };
         let class = if transient_label { ErrorClass::Transient } else { class };
-        Self { class, code, message, op_index: None, collection: None }
+        Self {
+            class,
+            code,
+            message,
+            op_index: None,
+            collection: None,
+        }
     }
 
     /// A `writeErrors` entry of a command reply.
     pub fn from_write_error(code: i32, message: String) -> Self {
-        Self { class: classify_code(code), code: Some(code), message, op_index: None, collection: None }
+        Self {
+            class: classify_code(code),
+            code: Some(code),
+            message,
+            op_index: None,
+            collection: None,
+        }
     }
 
     /// A `writeConcernError` of a command reply: the write happened on the primary but was not
     /// acknowledged as required; retrying the (idempotent) batch is safe.
     pub fn from_write_concern_error(code: i32, message: String) -> Self {
-        Self { class: ErrorClass::Transient, code: Some(code), message: format!("write concern: {message}"), op_index: None, collection: None }
+        Self {
+            class: ErrorClass::Transient,
+            code: Some(code),
+            message: format!("write concern: {message}"),
+            op_index: None,
+            collection: None,
+        }
     }
 }
 
@@ -94,11 +131,11 @@ pub fn classify_code(code: i32) -> ErrorClass {
     match code {
         // Network, elections, shutdown, stale routing, lock contention, timeouts, aborted
         // transactions, auth that an operator can fix: retrying can succeed.
-        6 | 7 | 13 | 18 | 24 | 46 | 50 | 63 | 64 | 89 | 91 | 112 | 133 | 134 | 150 | 189 | 202 | 251 | 262 | 9001 | 10107 | 11600
-        | 11601 | 11602 | 13388 | 13435 | 13436 => ErrorClass::Transient,
+        6 | 7 | 13 | 18 | 24 | 46 | 50 | 63 | 64 | 89 | 91 | 112 | 133 | 134 | 150 | 189 | 202 | 251 | 262 | 9001
+        | 10107 | 11600 | 11601 | 11602 | 13388 | 13435 | 13436 => ErrorClass::Transient,
         // The data or the command is wrong: retrying cannot help.
-        2 | 4 | 9 | 14 | 17 | 22 | 26 | 28 | 40 | 52 | 55 | 56 | 57 | 66 | 72 | 73 | 121 | 10334 | 11000 | 11001 | 12582
-        | 17419 | 17280 => ErrorClass::Permanent,
+        2 | 4 | 9 | 14 | 17 | 22 | 26 | 28 | 40 | 52 | 55 | 56 | 57 | 66 | 72 | 73 | 121 | 10334 | 11000 | 11001
+        | 12582 | 17419 | 17280 => ErrorClass::Permanent,
         _ => ErrorClass::Unknown,
     }
 }

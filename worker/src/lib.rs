@@ -76,7 +76,11 @@ impl Worker {
             metrics,
             status: Arc::new(Status::default()),
         };
-        Ok(Self { admin, consumer, cancel })
+        Ok(Self {
+            admin,
+            consumer,
+            cancel,
+        })
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -100,7 +104,11 @@ impl Worker {
     /// Consumes until the cancellation token fires; then stops consuming, finishes the batch
     /// in hand, acknowledges it and closes.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Worker { admin, consumer, cancel } = self;
+        let Worker {
+            admin,
+            consumer,
+            cancel,
+        } = self;
         tracing::info!(
             worker_id = %consumer.cfg.worker_id,
             admin = %admin.local_addr()?,
@@ -108,7 +116,10 @@ impl Worker {
             partitions = consumer.topology.partitions,
             "uplink-worker starting"
         );
-        let admin_state = admin::AdminState { status: consumer.status.clone(), metrics: consumer.metrics.clone() };
+        let admin_state = admin::AdminState {
+            status: consumer.status.clone(),
+            metrics: consumer.metrics.clone(),
+        };
         let admin_stop = CancellationToken::new();
         let admin_task = {
             let stop = admin_stop.clone();

@@ -265,7 +265,6 @@ fn confirm_purge(plan: &PurgePlan<'_>) -> bool {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

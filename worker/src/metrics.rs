@@ -26,7 +26,10 @@ impl WorkerMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let batches = IntCounterVec::new(
-            Opts::new("uplink_worker_batches_total", "Batches finished, by outcome (applied, dead_lettered)."),
+            Opts::new(
+                "uplink_worker_batches_total",
+                "Batches finished, by outcome (applied, dead_lettered).",
+            ),
             &["outcome"],
         )?;
         let ops_applied = IntCounter::new("uplink_worker_ops_applied_total", "Operations applied to MongoDB.")?;
@@ -34,19 +37,31 @@ impl WorkerMetrics {
             "uplink_worker_ops_skipped_total",
             "Operations skipped because the client's checkpoint shows them applied already (redeliveries, client retries).",
         )?;
-        let commands = IntCounter::new("uplink_worker_commands_total", "MongoDB write commands sent for batch operations.")?;
+        let commands = IntCounter::new(
+            "uplink_worker_commands_total",
+            "MongoDB write commands sent for batch operations.",
+        )?;
         let apply_attempts = IntCounter::new("uplink_worker_apply_attempts_total", "Attempts at applying a batch.")?;
         let apply_failures = IntCounterVec::new(
-            Opts::new("uplink_worker_apply_failures_total", "Failed attempts at applying a batch, by error class."),
+            Opts::new(
+                "uplink_worker_apply_failures_total",
+                "Failed attempts at applying a batch, by error class.",
+            ),
             &["class"],
         )?;
         let apply_retries = IntCounterVec::new(
-            Opts::new("uplink_worker_apply_retries_total", "Failed attempts that will be retried in place, by error class."),
+            Opts::new(
+                "uplink_worker_apply_retries_total",
+                "Failed attempts that will be retried in place, by error class.",
+            ),
             &["class"],
         )?;
         let apply_duration = Histogram::with_opts(
-            HistogramOpts::new("uplink_worker_apply_duration_seconds", "Time of one successful attempt at applying a batch.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "uplink_worker_apply_duration_seconds",
+                "Time of one successful attempt at applying a batch.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
         let end_to_end = Histogram::with_opts(
             HistogramOpts::new(
@@ -56,10 +71,16 @@ impl WorkerMetrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
         let dead_lettered = IntCounterVec::new(
-            Opts::new("uplink_worker_dead_lettered_total", "Batches sent to the dead-letter queue, by reason."),
+            Opts::new(
+                "uplink_worker_dead_lettered_total",
+                "Batches sent to the dead-letter queue, by reason.",
+            ),
             &["reason"],
         )?;
-        let broker_up = IntGauge::new("uplink_worker_broker_up", "1 while the worker is connected to the broker.")?;
+        let broker_up = IntGauge::new(
+            "uplink_worker_broker_up",
+            "1 while the worker is connected to the broker.",
+        )?;
         let mongo_up = IntGauge::new("uplink_worker_mongo_up", "1 while the last MongoDB ping succeeded.")?;
         let partitions_consuming = IntGauge::new(
             "uplink_worker_partitions_consuming",

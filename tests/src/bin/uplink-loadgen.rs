@@ -50,7 +50,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).timeout(Duration::from_secs(60)).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .timeout(Duration::from_secs(60))
+        .build()?;
     let applied_before = applied_total(&http, &args.workers).await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string();
 
@@ -77,8 +80,18 @@ async fn main() -> anyhow::Result<()> {
     }
     latencies.sort();
     let ok = latencies.len();
-    let pct = |p: f64| latencies.get(((ok as f64 * p) as usize).min(ok.saturating_sub(1))).copied().unwrap_or_default();
-    println!("uploads: {} accepted of {} sent in {:.2?}; statuses {statuses:?}", ok, args.users * args.batches, elapsed);
+    let pct = |p: f64| {
+        latencies
+            .get(((ok as f64 * p) as usize).min(ok.saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "uploads: {} accepted of {} sent in {:.2?}; statuses {statuses:?}",
+        ok,
+        args.users * args.batches,
+        elapsed
+    );
     println!(
         "api throughput: {:.0} uploads/s, {:.0} ops/s (users {}, concurrency {}, {} ops/batch)",
         ok as f64 / elapsed.as_secs_f64(),
@@ -104,7 +117,11 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
             if drain_started.elapsed() > Duration::from_secs(600) {
-                anyhow::bail!("workers applied {} of {} batches within 10 minutes", applied - applied_before, ok);
+                anyhow::bail!(
+                    "workers applied {} of {} batches within 10 minutes",
+                    applied - applied_before,
+                    ok
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -131,7 +148,11 @@ async fn run_user(http: &reqwest::Client, args: &Args, run_id: &str, user: usize
         request = request.bearer_auth(secret);
     }
     let token = match request.send().await {
-        Ok(r) if r.status().is_success() => r.json::<Value>().await.ok().and_then(|v| v["token"].as_str().map(str::to_owned)),
+        Ok(r) if r.status().is_success() => r
+            .json::<Value>()
+            .await
+            .ok()
+            .and_then(|v| v["token"].as_str().map(str::to_owned)),
         _ => None,
     };
     let Some(token) = token else {
@@ -152,9 +173,19 @@ async fn run_user(http: &reqwest::Client, args: &Args, run_id: &str, user: usize
                 }
             })
             .collect();
-        let body = if args.sdk { json!({"client_id": format!("{user_id}-device"), "batch": ops}) } else { json!({"batch": ops}) };
+        let body = if args.sdk {
+            json!({"client_id": format!("{user_id}-device"), "batch": ops})
+        } else {
+            json!({"batch": ops})
+        };
         let started = Instant::now();
-        let status = match http.post(format!("{}/upload", args.api)).bearer_auth(&token).json(&body).send().await {
+        let status = match http
+            .post(format!("{}/upload", args.api))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+        {
             Ok(r) => r.status().as_u16(),
             Err(_) => 0,
         };
