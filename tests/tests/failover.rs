@@ -57,6 +57,7 @@ async fn upload_all(stack: &Stack, bodies: Vec<Vec<Value>>) {
 }
 
 async fn assert_in_order_state(stack: &Stack, model: &Model, checkpoints: &Checkpoints) {
+    let started = std::time::Instant::now();
     let expected = model.collection("rows");
     eventually(Duration::from_secs(180), "every batch applied in order", || async {
         let depth: u32 = stack.queue_depths().await.iter().sum();
@@ -64,6 +65,7 @@ async fn assert_in_order_state(stack: &Stack, model: &Model, checkpoints: &Check
     })
     .await;
     assert_eq!(stack.dead_letter_depth().await, 0, "nothing was dead-lettered");
+    eprintln!("drained {:.1?} after the last upload", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +126,9 @@ async fn killing_the_active_worker_repeatedly_keeps_every_user_in_order() {
             workers.push_back(WorkerProcess::spawn(&stack, &format!("r{round}"), &[]));
         }
     };
+    let started = std::time::Instant::now();
     tokio::join!(upload_all(&stack, bodies), killer);
+    eprintln!("uploads and kills took {:.1?}", started.elapsed());
 
     // Assert
     assert_in_order_state(&stack, &model, &checkpoints).await;

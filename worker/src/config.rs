@@ -51,6 +51,13 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Backoff after a conflict with a concurrent transaction: a random 0..2^attempt ms
+    /// (capped at the maximum), as drivers' `withTransaction` helpers retry.
+    pub fn conflict_delay(&self, attempt: u32) -> Duration {
+        let cap = Duration::from_millis(1u64 << attempt.min(16)).min(self.max_delay);
+        cap.mul_f64(rand::random::<f64>())
+    }
+
     /// Capped exponential backoff with full jitter: a random delay up to
     /// `min * 2^(attempt-1)`, capped at `max`, never below `min`.
     pub fn delay(&self, attempt: u32) -> Duration {

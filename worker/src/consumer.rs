@@ -306,8 +306,17 @@ impl Consumer {
                 .apply_retries
                 .with_label_values(&[error.class.as_str()])
                 .inc();
-            let delay = self.cfg.retry.delay(attempt);
-            tracing::warn!(error = %error, attempt, retry_in = ?delay, "batch failed; retrying in place");
+            let delay = if error.is_conflict() {
+                self.cfg.retry.conflict_delay(attempt)
+            } else {
+                self.cfg.retry.delay(attempt)
+            };
+            if error.is_conflict() && attempt < 5 {
+                // Routine under concurrency; only a conflict that keeps coming back is news.
+                tracing::debug!(error = %error, attempt, retry_in = ?delay, "write conflict; retrying");
+            } else {
+                tracing::warn!(error = %error, attempt, retry_in = ?delay, "batch failed; retrying in place");
+            }
             tokio::select! {
                 _ = stop.cancelled() => {
                     // Left unacknowledged: it returns to the head of its queue when the channel

@@ -102,6 +102,14 @@ impl ApplyError {
         }
     }
 
+    /// Whether the error is a conflict with a concurrent transaction (WriteConflict, or a
+    /// transaction the server aborted because of one). Such conflicts clear as soon as the
+    /// other transaction commits, so they are retried after a few milliseconds rather than
+    /// after the outage backoff.
+    pub fn is_conflict(&self) -> bool {
+        self.class == ErrorClass::Transient && matches!(self.code, Some(112) | Some(251))
+    }
+
     /// A `writeErrors` entry of a command reply.
     pub fn from_write_error(code: i32, message: String) -> Self {
         Self {
