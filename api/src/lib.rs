@@ -50,7 +50,10 @@ impl AppState {
         let publisher = Publisher::start(
             config.amqp.clone(),
             config.confirm_timeout,
-            format!("uplink-api@{}", hostname()),
+            format!(
+                "uplink-api@{}",
+                uplink_common::shutdown::hostname().unwrap_or_else(|| "unknown".to_owned())
+            ),
             config.ack_mode == config::AckMode::Apply,
             cancel.clone(),
         );
@@ -200,13 +203,4 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
         let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
         base.allow_origin(AllowOrigin::list(list))
     }
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -58,30 +58,9 @@ async fn serve() -> anyhow::Result<()> {
     init_tracing(LogFormat::from_env(&env)?);
     let config = ApiConfig::from_env(&env).context("invalid configuration")?;
     let cancel = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(cancel.clone()));
+    tokio::spawn(uplink_common::shutdown::cancel_on_signal(cancel.clone()));
     let app = Application::build(config, cancel).await?;
     app.run_until_stopped().await?;
     tracing::info!("uplink-api stopped");
     Ok(())
-}
-
-async fn shutdown_on_signal(cancel: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
-    }
-    tracing::info!("shutdown requested");
-    cancel.cancel();
 }
