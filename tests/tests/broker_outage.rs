@@ -130,3 +130,108 @@ async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
     assert!(unavailable >= 4, "failed publishes are counted: {unavailable}");
     stack.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_or_nacked_publish_is_a_503_never_a_200() {
+    use lapin::options::QueueBindOptions;
+    use lapin::types::FieldTable;
+
+    // Arrange: one partition, no worker, so the queue's state is ours to break.
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        partitions: 1,
+        ..StackOptions::default()
+    })
+    .await;
+    let token = stack.token("sam").await;
+    let queue = format!("{}.uploads.0", stack.name);
+    let exchange = format!("{}.uploads", stack.name);
+    let connection = uplink_common::amqp::connect(&uplink_tests::amqp_uri().into(), "uplink-tests")
+        .await
+        .expect("amqp");
+    let channel = connection.create_channel().await.expect("channel");
+
+    // Act 1: no binding, so the mandatory message comes back unroutable.
+    channel
+        .queue_unbind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "0".into(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("unbind");
+    let (returned, _, _) = upload_timed(&stack, &token, "returned").await;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "0".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("rebind");
+
+    // Act 2: the queue is full (a max-length policy with the queue's reject-publish overflow),
+    // so the broker nacks the message.
+    let policy = format!("{}-full", stack.name);
+    let set = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "set_policy",
+            "--apply-to",
+            "queues",
+            &policy,
+            &format!("^{queue}$"),
+            r#"{"max-length": 0}"#,
+        ])
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(set.success());
+    let nacked = eventually(Duration::from_secs(10), "the policy takes effect", || async {
+        let (status, _, _) = upload_timed(&stack, &token, "nacked").await;
+        (status == StatusCode::SERVICE_UNAVAILABLE).then_some(status)
+    })
+    .await;
+    // Room again. (A quorum queue that started rejecting only re-evaluates its limit when it
+    // changes, so the limit is raised rather than removed.)
+    let _ = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "set_policy",
+            "--apply-to",
+            "queues",
+            &policy,
+            &format!("^{queue}$"),
+            r#"{"max-length": 1000}"#,
+        ])
+        .status();
+
+    // Assert
+    assert_eq!(returned, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(nacked, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        stack
+            .api_metrics
+            .batches_published
+            .with_label_values(&["returned"])
+            .get(),
+        1
+    );
+    assert!(stack.api_metrics.batches_published.with_label_values(&["nacked"]).get() >= 1);
+    eventually(
+        Duration::from_secs(10),
+        "healthy again once the queue takes messages",
+        || async {
+            let (status, _, _) = upload_timed(&stack, &token, "after").await;
+            (status == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    let _ = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "clear_policy", &policy])
+        .status();
+    let _ = connection.close(200, "done".into()).await;
+    stack.finish().await;
+}
