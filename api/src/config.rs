@@ -275,15 +275,7 @@ impl ApiConfig {
         };
 
         let addr: SocketAddr = env.parse_or("UPLINK_API_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?;
-        let cors_origins = env
-            .get("UPLINK_CORS_ORIGINS")
-            .map(|raw| {
-                raw.split(',')
-                    .map(|s| s.trim().to_owned())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let cors_origins = env.list("UPLINK_CORS_ORIGINS");
 
         Ok(Self {
             addr,
@@ -350,15 +342,7 @@ fn jwt_auth(env: &Env, dev: bool) -> Result<JwtAuth, ConfigError> {
             "is required when UPLINK_TOKEN_AUTH=jwt (the `iss` of your identity provider's tokens)",
         )
     })?;
-    let audiences: Vec<String> = env
-        .get("UPLINK_TOKEN_JWT_AUDIENCE")
-        .map(|raw| {
-            raw.split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
+    let audiences = env.list("UPLINK_TOKEN_JWT_AUDIENCE");
     if audiences.is_empty() {
         return Err(ConfigError::new(
             "UPLINK_TOKEN_JWT_AUDIENCE",

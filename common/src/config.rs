@@ -76,6 +76,18 @@ impl Env {
         self.get(key).map(SecretString::from)
     }
 
+    /// A comma-separated list, trimmed, without empty items (empty when unset).
+    pub fn list(&self, key: &str) -> Vec<String> {
+        self.get(key)
+            .map(|raw| {
+                raw.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Parses the variable, or returns `default` when it is unset.
     pub fn parse_or<T>(&self, key: &str, default: T) -> Result<T, ConfigError>
     where

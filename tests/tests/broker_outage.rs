@@ -33,6 +33,19 @@ async fn upload_timed(stack: &Stack, token: &str, id: &str) -> (StatusCode, Opti
     (response.status(), retry_after, started.elapsed())
 }
 
+/// Retries the upload of `id` until the api accepts it again (it reconnects by itself).
+async fn accepted_again(stack: &Stack, token: &str, id: &str) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("uploads accepted again ({id})"),
+        || async {
+            let (status, _, _) = upload_timed(stack, token, id).await;
+            (status == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
     // Arrange: the api reaches the broker through a proxy the test controls.
@@ -74,15 +87,7 @@ async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
 
     // Act + Assert 2: the broker comes back; the api reconnects by itself.
     proxy.restore();
-    eventually(
-        Duration::from_secs(30),
-        "uploads accepted again after the broker returned",
-        || async {
-            let (status, _, _) = upload_timed(&stack, &token, "after-cut").await;
-            (status == StatusCode::OK).then_some(())
-        },
-    )
-    .await;
+    accepted_again(&stack, &token, "after-cut").await;
     accepted.push("after-cut".to_owned());
 
     // Act + Assert 3: the connection stays open but stops moving bytes: the confirm never
@@ -97,15 +102,7 @@ async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
         "answered after {elapsed:?}"
     );
     proxy.restore();
-    eventually(
-        Duration::from_secs(30),
-        "uploads accepted again after the stall",
-        || async {
-            let (status, _, _) = upload_timed(&stack, &token, "after-stall").await;
-            (status == StatusCode::OK).then_some(())
-        },
-    )
-    .await;
+    accepted_again(&stack, &token, "after-stall").await;
     accepted.push("after-stall".to_owned());
 
     // Every batch that got a 200 is applied. (A batch answered 503 may still have reached the
@@ -220,15 +217,7 @@ async fn a_returned_or_nacked_publish_is_a_503_never_a_200() {
         1
     );
     assert!(stack.api_metrics.batches_published.with_label_values(&["nacked"]).get() >= 1);
-    eventually(
-        Duration::from_secs(10),
-        "healthy again once the queue takes messages",
-        || async {
-            let (status, _, _) = upload_timed(&stack, &token, "after").await;
-            (status == StatusCode::OK).then_some(())
-        },
-    )
-    .await;
+    accepted_again(&stack, &token, "after").await;
     let _ = std::process::Command::new("rabbitmqctl")
         .args(["-q", "clear_policy", &policy])
         .status();
