@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::config::{ApiConfig, TokenAuth, UploadAuth};
 use crate::idp::IdpVerifier;
@@ -184,7 +184,9 @@ pub fn router(state: AppState) -> Router {
             config.request_timeout,
         ))
         .layer(cors)
-        .layer(TraceLayer::new_for_http())
+        // A 503 during a broker outage is expected and already logged with its cause; ERROR is
+        // kept for what needs a human.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)))
         .with_state(state)
 }
 
