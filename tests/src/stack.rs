@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uplink_api::config::ApiConfig;
 use uplink_api::keys::SigningKey;
 use uplink_common::config::Env;
+use uplink_common::topology::Topology;
 use uplink_worker::config::WorkerConfig;
 
 /// One signing key for every stack in the test process (RSA key generation is slow).
@@ -302,10 +303,7 @@ impl Stack {
     /// to deliver the very same message twice, as the broker does after a worker crash).
     pub async fn publish_raw(&self, batch: &uplink_common::UploadBatch) {
         use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
-            .await
-            .expect("amqp");
-        let channel = connection.create_channel().await.expect("channel");
+        let (connection, channel) = broker_channel("uplink-tests").await;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -317,8 +315,8 @@ impl Stack {
             .with_content_type("application/json".into());
         let confirm = channel
             .basic_publish(
-                format!("{}.uploads", self.name).as_str().into(),
-                batch.partition.to_string().as_str().into(),
+                self.topology().uploads_exchange().as_str().into(),
+                self.topology().routing_key(batch.partition).as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -341,16 +339,10 @@ impl Stack {
     /// acknowledging; closing the channel returns them).
     pub async fn dead_letters(&self) -> Vec<(BTreeMap<String, String>, Value)> {
         use lapin::options::BasicGetOptions;
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
-            .await
-            .expect("amqp");
-        let channel = connection.create_channel().await.expect("channel");
+        let (connection, channel) = broker_channel("uplink-tests").await;
         let mut out = Vec::new();
         while let Some(message) = channel
-            .basic_get(
-                format!("{}.dead", self.name).as_str().into(),
-                BasicGetOptions::default(),
-            )
+            .basic_get(self.topology().dead_queue().as_str().into(), BasicGetOptions::default())
             .await
             .expect("basic.get")
         {
@@ -396,26 +388,18 @@ impl Stack {
         self.workers.iter().map(|w| metric(&w.metrics)).sum()
     }
 
+    /// The names of this test's exchanges and queues.
+    pub fn topology(&self) -> Topology {
+        topology(&self.name, self.opts.partitions)
+    }
+
     /// Ready-message counts of the partition queues.
     pub async fn queue_depths(&self) -> Vec<u32> {
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
-            .await
-            .expect("amqp");
-        let channel = connection.create_channel().await.expect("channel");
+        let names = self.topology();
+        let (connection, channel) = broker_channel("uplink-tests").await;
         let mut depths = Vec::new();
         for i in 0..self.opts.partitions {
-            let q = channel
-                .queue_declare(
-                    format!("{}.uploads.{i}", self.name).as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .expect("partition queue exists");
-            depths.push(q.message_count());
+            depths.push(message_count(&channel, &names.partition_queue(i)).await);
         }
         let _ = connection.close(200, "done".into()).await;
         depths
@@ -423,23 +407,10 @@ impl Stack {
 
     /// Ready-message count of the dead-letter queue.
     pub async fn dead_letter_depth(&self) -> u32 {
-        let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests")
-            .await
-            .expect("amqp");
-        let channel = connection.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                format!("{}.dead", self.name).as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("dead queue exists");
+        let (connection, channel) = broker_channel("uplink-tests").await;
+        let depth = message_count(&channel, &self.topology().dead_queue()).await;
         let _ = connection.close(200, "done".into()).await;
-        q.message_count()
+        depth
     }
 
     /// Stops the api and workers, then deletes the test's queues, exchanges and database.
@@ -456,35 +427,67 @@ impl Stack {
     }
 }
 
+/// The names of a test's exchanges and queues (the delivery limit does not enter into them).
+pub fn topology(prefix: &str, partitions: u16) -> Topology {
+    Topology {
+        prefix: prefix.to_owned(),
+        partitions,
+        delivery_limit: 0,
+    }
+}
+
+/// A connection (named for the broker's connection list) and channel to the test broker;
+/// close the connection when done.
+pub async fn broker_channel(name: &str) -> (lapin::Connection, lapin::Channel) {
+    let connection = uplink_common::amqp::connect(&crate::amqp_uri().into(), name)
+        .await
+        .expect("amqp");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
+/// Ready-message count of an existing queue.
+async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"))
+        .message_count()
+}
+
 /// Deletes every queue and exchange under `prefix`.
 pub async fn delete_topology(prefix: &str, partitions: u16) {
+    let names = topology(prefix, partitions);
+    // Best effort: a test that failed with the broker unreachable must still end.
     let Ok(connection) = uplink_common::amqp::connect(&crate::amqp_uri().into(), "uplink-tests-cleanup").await else {
         return;
     };
-    if let Ok(channel) = connection.create_channel().await {
-        for i in 0..partitions {
-            let _ = channel
-                .queue_delete(
-                    format!("{prefix}.uploads.{i}").as_str().into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await;
-        }
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
+    for i in 0..partitions {
         let _ = channel
-            .queue_delete(format!("{prefix}.dead").as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = channel
-            .exchange_delete(
-                format!("{prefix}.uploads").as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-        let _ = channel
-            .exchange_delete(
-                format!("{prefix}.dead").as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
+            .queue_delete(names.partition_queue(i).as_str().into(), QueueDeleteOptions::default())
             .await;
     }
+    let _ = channel
+        .queue_delete(names.dead_queue().as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel
+        .exchange_delete(
+            names.uploads_exchange().as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = channel
+        .exchange_delete(names.dead_exchange().as_str().into(), ExchangeDeleteOptions::default())
+        .await;
     let _ = connection.close(200, "cleanup".into()).await;
 }

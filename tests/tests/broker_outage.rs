@@ -128,6 +128,23 @@ async fn uploads_get_503_while_the_broker_is_unreachable_and_200_again_after() {
     stack.finish().await;
 }
 
+/// Applies (or replaces) a `max-length` policy on one queue; whether rabbitmqctl succeeded.
+fn set_max_length(policy: &str, queue: &str, max_length: u32) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "set_policy",
+            "--apply-to",
+            "queues",
+            policy,
+            &format!("^{queue}$"),
+        ])
+        .arg(format!(r#"{{"max-length": {max_length}}}"#))
+        .status()
+        .expect("rabbitmqctl runs")
+        .success()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returned_or_nacked_publish_is_a_503_never_a_200() {
     use lapin::options::QueueBindOptions;
@@ -141,8 +158,8 @@ async fn a_returned_or_nacked_publish_is_a_503_never_a_200() {
     })
     .await;
     let token = stack.token("sam").await;
-    let queue = format!("{}.uploads.0", stack.name);
-    let exchange = format!("{}.uploads", stack.name);
+    let queue = stack.topology().partition_queue(0);
+    let exchange = stack.topology().uploads_exchange();
     let connection = uplink_common::amqp::connect(&uplink_tests::amqp_uri().into(), "uplink-tests")
         .await
         .expect("amqp");
@@ -173,19 +190,7 @@ async fn a_returned_or_nacked_publish_is_a_503_never_a_200() {
     // Act 2: the queue is full (a max-length policy with the queue's reject-publish overflow),
     // so the broker nacks the message.
     let policy = format!("{}-full", stack.name);
-    let set = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "set_policy",
-            "--apply-to",
-            "queues",
-            &policy,
-            &format!("^{queue}$"),
-            r#"{"max-length": 0}"#,
-        ])
-        .status()
-        .expect("rabbitmqctl runs");
-    assert!(set.success());
+    assert!(set_max_length(&policy, &queue, 0));
     let nacked = eventually(Duration::from_secs(10), "the policy takes effect", || async {
         let (status, _, _) = upload_timed(&stack, &token, "nacked").await;
         (status == StatusCode::SERVICE_UNAVAILABLE).then_some(status)
@@ -193,17 +198,7 @@ async fn a_returned_or_nacked_publish_is_a_503_never_a_200() {
     .await;
     // Room again. (A quorum queue that started rejecting only re-evaluates its limit when it
     // changes, so the limit is raised rather than removed.)
-    let _ = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "set_policy",
-            "--apply-to",
-            "queues",
-            &policy,
-            &format!("^{queue}$"),
-            r#"{"max-length": 1000}"#,
-        ])
-        .status();
+    set_max_length(&policy, &queue, 1000);
 
     // Assert
     assert_eq!(returned, StatusCode::SERVICE_UNAVAILABLE);

@@ -20,29 +20,14 @@ use uplink_common::amqp::{header_i64, header_str};
 use uplink_common::config::{AmqpConfig, Env};
 use uplink_common::envelope::headers as h;
 use uplink_common::partition::partition_for;
+use uplink_tests::process::binary;
+use uplink_tests::stack::broker_channel;
 use uplink_tests::{eventually, Stack, StackOptions};
 use uplink_worker::deadletter::headers as dh;
 use uplink_worker::dlq::{reasons, Dlq, Replayed, Selection, NO_COLLECTION};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const PARTITIONS: u16 = 4;
-
-/// Path of a workspace binary, built beside the test executables (`cargo build -p
-/// uplink-worker` first when running only this test target).
-fn binary(name: &str) -> std::path::PathBuf {
-    let mut dir = std::env::current_exe().expect("test exe path");
-    dir.pop(); // the test binary
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (cargo build -p uplink-worker)",
-        path.display()
-    );
-    path
-}
 
 async fn start(opts: StackOptions) -> Stack {
     Stack::start(StackOptions {
@@ -110,24 +95,16 @@ async fn wait_doc(stack: &Stack, collection: &str, id: &str) -> serde_json::Map<
     .await
 }
 
-async fn channel(name: &str) -> (lapin::Connection, lapin::Channel) {
-    let connection = uplink_common::amqp::connect(&uplink_tests::amqp_uri().into(), name)
-        .await
-        .expect("amqp");
-    let channel = connection.create_channel().await.expect("channel");
-    (connection, channel)
-}
-
 /// Publishes a body the worker cannot decode straight into partition 0.
 async fn publish_garbage(stack: &Stack, message_id: &str) {
-    let (connection, channel) = channel("uplink-tests-garbage").await;
+    let (connection, channel) = broker_channel("uplink-tests-garbage").await;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
     let confirm = channel
         .basic_publish(
-            format!("{}.uploads", stack.name).as_str().into(),
+            stack.topology().uploads_exchange().as_str().into(),
             "0".into(),
             BasicPublishOptions {
                 mandatory: true,
@@ -385,7 +362,7 @@ async fn a_dry_run_replay_reports_the_target_partition_and_changes_nothing() {
             user_id: Some("alice".into()),
             partition,
             routing_key: partition.to_string(),
-            queue: format!("{}.uploads.{partition}", stack.name),
+            queue: stack.topology().partition_queue(partition),
             replay_count: 1,
         }]
     );
@@ -445,11 +422,11 @@ async fn replay_after_fixing_the_cause_applies_the_batch_under_its_id_with_repla
     assert_eq!(stack.queue_depths().await, expected_depths);
     // … as the same batch, counted as a replay, without the reason headers.
     // (basic.get is refused on single-active-consumer queues; a consumer takes one instead.)
-    let (connection, ch) = channel("uplink-tests-peek").await;
+    let (connection, ch) = broker_channel("uplink-tests-peek").await;
     ch.basic_qos(1, BasicQosOptions::default()).await.expect("qos");
     let mut consumer = ch
         .basic_consume(
-            format!("{}.uploads.{partition}", stack.name).as_str().into(),
+            stack.topology().partition_queue(partition).as_str().into(),
             "peek".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -566,13 +543,13 @@ async fn replaying_a_batch_that_already_applied_changes_nothing() {
 
 /// Copies the only dead letter back into the dead-letter queue, leaving the original.
 async fn duplicate_dead_letter(stack: &Stack) {
-    let (connection, ch) = channel("uplink-tests-duplicate").await;
+    let (connection, ch) = broker_channel("uplink-tests-duplicate").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
     let original = ch
         .basic_get(
-            format!("{}.dead", stack.name).as_str().into(),
+            stack.topology().dead_queue().as_str().into(),
             BasicGetOptions { no_ack: false },
         )
         .await
@@ -580,7 +557,7 @@ async fn duplicate_dead_letter(stack: &Stack) {
         .expect("a dead letter");
     let confirm = ch
         .basic_publish(
-            format!("{}.dead", stack.name).as_str().into(),
+            stack.topology().dead_exchange().as_str().into(),
             "".into(),
             BasicPublishOptions::default(),
             &original.data,
@@ -797,8 +774,8 @@ async fn a_batch_the_broker_dead_lettered_at_its_delivery_limit_is_listed_and_re
     .await;
     let batch_id = upload(&stack, "alice", &put("todos", "t1", json!({"name": "eventually"}))).await;
     let partition = partition_for("alice", PARTITIONS);
-    let queue = format!("{}.uploads.{partition}", stack.name);
-    let (connection, ch) = channel("uplink-tests-refuser").await;
+    let queue = stack.topology().partition_queue(partition);
+    let (connection, ch) = broker_channel("uplink-tests-refuser").await;
     let mut consumer = ch
         .basic_consume(
             queue.as_str().into(),

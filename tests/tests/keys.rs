@@ -7,16 +7,7 @@ use uplink_api::config::ApiConfig;
 use uplink_api::keys::{SigningKey, VerifyingKey};
 use uplink_api::tokens::TokenService;
 use uplink_common::config::Env;
-
-/// Path of a workspace binary, built beside the test executables.
-fn binary(name: &str) -> std::path::PathBuf {
-    let mut dir = std::env::current_exe().expect("test exe path");
-    dir.pop(); // the test binary
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir.join(name)
-}
+use uplink_tests::process::binary;
 
 fn env_lines(text: &str) -> Vec<(String, String)> {
     text.lines()
