@@ -169,10 +169,15 @@ pub struct Batch {
     pub ops: Vec<Op>,
 }
 
+/// The highest client op id among `ops`: the PowerSync write checkpoint they reach.
+pub fn checkpoint_of(ops: &[Op]) -> Option<i64> {
+    ops.iter().filter_map(|op| op.op_id).max()
+}
+
 impl Batch {
     /// The highest client op id in the batch: the PowerSync write checkpoint it reaches.
     pub fn checkpoint(&self) -> Option<i64> {
-        self.ops.iter().filter_map(|op| op.op_id).max()
+        checkpoint_of(&self.ops)
     }
 }
 

@@ -92,7 +92,7 @@ impl Envelope {
 impl UploadBatch {
     /// The highest client op id: the write checkpoint this batch reaches.
     pub fn checkpoint(&self) -> Option<i64> {
-        self.ops.iter().filter_map(|op| op.op_id).max()
+        crate::batch::checkpoint_of(&self.ops)
     }
 }
 

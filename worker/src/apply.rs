@@ -339,7 +339,7 @@ impl Applier {
             self.run(command, write_concern, session.as_deref_mut()).await?;
         }
         if let Some((id, client_id, checkpoint)) = checkpoint_key {
-            let raise = doc! {
+            let mut raise = doc! {
                 "update": &self.checkpoints,
                 "updates": [{
                     "q": { "_id": &id },
@@ -352,7 +352,6 @@ impl Applier {
                 }],
                 "ordered": true,
             };
-            let mut raise = raise;
             if let Some(wc) = write_concern {
                 raise.insert("writeConcern", wc.clone());
             }
