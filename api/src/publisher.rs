@@ -15,6 +15,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::{oneshot, Notify, RwLock};
 use tokio_util::sync::CancellationToken;
+use uplink_common::amqp::ReconnectBackoff;
 use uplink_common::config::AmqpConfig;
 use uplink_common::envelope::ApplyOutcome;
 use uplink_common::topology::Topology;
@@ -86,8 +87,6 @@ struct Inner {
 /// request, with no queue to declare or clean up, so api replicas stay stateless.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const HEALTH_POLL: Duration = Duration::from_millis(250);
 
 impl Publisher {
@@ -257,30 +256,24 @@ async fn route_replies(inner: Arc<Inner>, mut replies: lapin::Consumer) {
 }
 
 async fn supervise(inner: Arc<Inner>, cancel: CancellationToken) {
-    let mut delay = RECONNECT_MIN;
-    loop {
-        if cancel.is_cancelled() {
-            break;
-        }
+    let mut backoff = ReconnectBackoff::new();
+    while !cancel.is_cancelled() {
         match open(&inner).await {
-            Ok((live, Some(replies))) => {
-                tokio::spawn(route_replies(inner.clone(), replies));
+            Ok((live, replies)) => {
+                if let Some(replies) = replies {
+                    tokio::spawn(route_replies(inner.clone(), replies));
+                }
                 run_connection(&inner, live, &cancel).await;
-                delay = RECONNECT_MIN;
-            }
-            Ok((live, None)) => {
-                run_connection(&inner, live, &cancel).await;
-                delay = RECONNECT_MIN;
+                backoff.reset();
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the broker");
+                tracing::warn!(error = %e, retry_in = ?backoff.current(), "cannot connect to the broker");
             }
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(jittered(delay)) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        delay = (delay * 2).min(RECONNECT_MAX);
     }
     if let Some(live) = inner.live.write().await.take() {
         let _ = live.connection.close(200, "uplink-api stopping".into()).await;
@@ -344,11 +337,4 @@ async fn open(inner: &Inner) -> lapin::Result<(Live, Option<lapin::Consumer>)> {
         },
         replies,
     ))
-}
-
-/// Up to 25 % random jitter, so replicas that lost the broker together do not reconnect in
-/// lockstep.
-pub(crate) fn jittered(d: Duration) -> Duration {
-    let factor = 1.0 + rand::random::<f64>() * 0.25;
-    d.mul_f64(factor)
 }

@@ -1,6 +1,8 @@
 //! Connecting to RabbitMQ and reading message headers.
 
 use lapin::types::{AMQPValue, FieldTable};
+use std::time::Duration;
+
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
@@ -10,6 +12,45 @@ use secrecy::{ExposeSecret, SecretString};
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// Connection timeout used when the URL does not set one.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+/// Capped exponential backoff between attempts to (re)connect to the broker, with up to 25 %
+/// random jitter so replicas that lost the broker together do not reconnect in lockstep.
+#[derive(Debug)]
+pub struct ReconnectBackoff {
+    next: Duration,
+}
+
+impl ReconnectBackoff {
+    pub const MIN: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    pub fn new() -> Self {
+        Self { next: Self::MIN }
+    }
+
+    /// Back to the shortest delay, after a connection that worked.
+    pub fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+
+    /// The delay the next wait is based on (for logs).
+    pub fn current(&self) -> Duration {
+        self.next
+    }
+
+    /// The delay to wait now; the one after it doubles, up to [`Self::MAX`].
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next.mul_f64(1.0 + rand::random::<f64>() * 0.25);
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+}
+
+impl Default for ReconnectBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Opens a connection, named so operators can tell replicas apart in the management UI.
 pub async fn connect(url: &SecretString, connection_name: &str) -> lapin::Result<Connection> {
@@ -60,4 +101,26 @@ pub fn header_i64(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
 /// A string header value.
 pub fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.as_bytes().to_vec().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_double_up_to_the_cap_with_bounded_jitter_and_reset() {
+        let mut backoff = ReconnectBackoff::new();
+        let mut base = ReconnectBackoff::MIN;
+        for _ in 0..10 {
+            let delay = backoff.next_delay();
+            assert!(
+                delay >= base && delay <= base.mul_f64(1.25),
+                "{delay:?} around {base:?}"
+            );
+            base = (base * 2).min(ReconnectBackoff::MAX);
+            assert_eq!(backoff.current(), base);
+        }
+        backoff.reset();
+        assert_eq!(backoff.current(), ReconnectBackoff::MIN);
+    }
 }

@@ -7,7 +7,7 @@
 //! never overtake an earlier one.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -19,7 +19,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use uplink_common::amqp::{header_i64, header_str};
+use uplink_common::amqp::{header_i64, header_str, ReconnectBackoff};
 use uplink_common::envelope::{headers as h, ApplyOutcome};
 use uplink_common::topology::Topology;
 use uplink_common::trace::TraceParent;
@@ -31,9 +31,6 @@ use crate::deadletter::{self, now_ms, Reason};
 use crate::errors::{ApplyError, ErrorClass};
 use crate::metrics::WorkerMetrics;
 use crate::Status;
-
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Consumer {
@@ -48,11 +45,11 @@ impl Consumer {
     /// Connects, consumes every partition, and reconnects whenever the connection breaks,
     /// until `cancel` fires; then finishes the batches in hand and closes.
     pub async fn run(self, cancel: CancellationToken) {
-        let mut delay = RECONNECT_MIN;
+        let mut backoff = ReconnectBackoff::new();
         while !cancel.is_cancelled() {
             match self.open().await {
                 Ok(connection) => {
-                    delay = RECONNECT_MIN;
+                    backoff.reset();
                     self.status.set_broker(true, &self.metrics);
                     tracing::info!(
                         partitions = self.topology.partitions,
@@ -64,16 +61,15 @@ impl Consumer {
                         .close(200, "uplink-worker stopping or reconnecting".into())
                         .await;
                 }
-                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the broker"),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff.current(), "cannot connect to the broker"),
             }
             if cancel.is_cancelled() {
                 break;
             }
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            delay = (delay * 2).min(RECONNECT_MAX);
         }
         tracing::info!("consumer stopped");
     }
